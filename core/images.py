@@ -1,0 +1,144 @@
+"""Reading images safely: sizes from headers, pixels as RGB, clear errors for bad files.
+
+Every function here raises `ImageError` (with the path in its message) for a file that is not
+a usable image, so callers can report one line per bad file and go on with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# A 20000 x 20000 CCTV mosaic is 400 megapixels; anything above this is refused as a likely
+# decompression bomb. Callers can raise it (ingest --max-pixels).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# EXIF orientations 5-8 swap width and height when a viewer shows the image.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What ingest needs of an image without decoding its pixels.
+
+    width, height: as a viewer shows the image (EXIF orientation applied).
+    """
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    orientation: int
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Size, format and orientation of an image from its header; pixels are not decoded.
+
+    Raises:
+        ImageError: empty file, not an image, or more than `max_pixels` pixels.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+    except OSError as err:
+        raise ImageError(path, f"cannot read: {err.strerror}") from err
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                orientation = 1
+                try:
+                    orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+                except Exception:  # a broken EXIF block does not make the pixels unusable
+                    orientation = 1
+                fmt, mode = img.format or "", img.mode
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(path, f"too many pixels ({err})") from err
+    except Exception as err:
+        raise ImageError(path, f"not a readable image ({type(err).__name__}: {err})") from err
+    if width <= 0 or height <= 0:
+        raise ImageError(path, f"invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            path,
+            f"{width}x{height} is {width * height} pixels, above the limit of {max_pixels} "
+            "(a likely decompression bomb; raise --max-pixels if the image is real)",
+        )
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return ImageHeader(width=width, height=height, format=fmt, mode=mode, orientation=orientation)
+
+
+def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image as it is shown: EXIF rotation applied, converted to 8-bit RGB.
+
+    Grayscale, palette, RGBA (composited on black), CMYK and 16-bit images are converted.
+
+    Returns:
+        (H, W, 3) uint8 array.
+
+    Raises:
+        ImageError: the file is not a decodable image (truncated, corrupt, too large).
+    """
+    header = read_header(path, max_pixels=max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_rgb(img)
+    except Exception as err:
+        raise ImageError(path, f"cannot decode pixels ({type(err).__name__}: {err})") from err
+    if rgb.shape[:2] != (header.height, header.width):
+        raise ImageError(path, f"decoded size {rgb.shape[1]}x{rgb.shape[0]} disagrees with header")
+    return rgb
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) grey: scale the used range into 8 bits.
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size else 0.0
+        scale = 255.0 / top if top > 255 else 1.0
+        grey = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def content_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in a stream (hex string)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
