@@ -432,6 +432,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     log_path: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(255))  # where pid lives
+    # What finished stages left behind ({"dataset_version_id": .., "teacher": {...}, ...}), so a
+    # resumed job skips them and picks up their checkpoints and model versions.
+    results: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
