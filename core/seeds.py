@@ -247,10 +247,12 @@ def pamr(
     masks: torch.Tensor,
     iterations: int = 10,
     dilations: Sequence[int] = (1, 2, 4, 8),
+    temperature: float = 0.1,
 ) -> torch.Tensor:
     """Smooth masks along the image's colours: each pixel becomes an affinity-weighted mean of
     its 3x3 neighbours at several dilations, where affinity is a softmax over neighbours of the
-    negative colour distance scaled by the local colour spread.
+    negative colour distance divided by (temperature * local colour spread): a small
+    temperature keeps a mask from leaking across a colour edge.
 
     Args:
         image: (N, 3, H, W) float (any normalisation; only differences matter).
@@ -272,7 +274,7 @@ def pamr(
 
     neighbours = gather(image)  # (N, 3, O, H, W)
     distance = (neighbours - image[:, :, None]).abs()
-    spread = neighbours.std(dim=2, keepdim=True) + 1e-6
+    spread = temperature * neighbours.std(dim=2, keepdim=True) + 1e-6
     affinity = torch.softmax(-(distance / spread).mean(dim=1), dim=1)  # (N, O, H, W)
     refined = masks
     for _ in range(iterations):
