@@ -33,7 +33,7 @@ class ClassifierSample:
     """One training image.
 
     path: image file.
-    tags: one value per class, 1.0 present, 0.0 absent.
+    tags: one value per class, 1.0 present, 0.0 absent, -1.0 unknown (no tag of that class).
     points: reviewer points (class index, x, y) in pixels of the original image (EXIF-transposed,
         as core.images.read_rgb returns it). A point of a class the tags call absent is dropped:
         points never override a tag.
@@ -45,10 +45,16 @@ class ClassifierSample:
 
 
 def to_binary(samples: Sequence[ClassifierSample]) -> list[ClassifierSample]:
-    """Collapse every class into one, BINARY_CLASS, present when any class is present."""
+    """Collapse every class into one, BINARY_CLASS: present when any class is present, absent
+    when every class is absent, unknown otherwise."""
     out = []
     for sample in samples:
-        present = 1.0 if any(t > 0.5 for t in sample.tags) else 0.0
+        if any(t > 0.5 for t in sample.tags):
+            present = 1.0
+        elif all(t == 0.0 for t in sample.tags):
+            present = 0.0
+        else:
+            present = -1.0
         points = tuple((0, x, y) for _, x, y in sample.points)
         out.append(ClassifierSample(sample.path, (present,), points))
     return out

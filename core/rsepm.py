@@ -315,8 +315,15 @@ class LossWeights:
 
 
 def classification_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
-    """Multi-label BCE. logits, tags: (N, C); tags 1 present, 0 absent."""
-    return F.binary_cross_entropy_with_logits(logits, tags)
+    """Multi-label BCE over the known tags.
+
+    logits, tags: (N, C); tags 1 present, 0 absent, -1 unknown (left out: a photo tagged only
+    for fire says nothing about smoke). NaN tags propagate, so a broken label shows up as a
+    non-finite loss instead of being skipped.
+    """
+    known = (tags >= 0) | tags.isnan()
+    loss = F.binary_cross_entropy_with_logits(logits, tags.clamp(min=0), reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
 
 
 def segmentation_loss(seg_logits: torch.Tensor, pseudo_mask: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from core.device import pick_device, seed_everything
 from core.distributed import any_rank, init_distributed, make_sampler
 from core.rsepm import (
     ARCHS,
+    IGNORE_INDEX,
     RSEPMNet,
     build_rsepm,
     cam_pixel_loss,
@@ -192,30 +193,36 @@ def make_pseudo_masks(
 
     Args:
         cams: (N, C, h, w) raw CAMs; seg_logits: (N, C+1, H4, W4); features: stride-16 maps
-            for the self-correlation; tags: (N, C); point_seeds: (N, C, S, S) uint8.
+            for the self-correlation; tags: (N, C) 1 present, 0 absent, -1 unknown;
+            point_seeds: (N, C, S, S) uint8.
         recursive: mix the segmentation head's foreground into the seeds (stage 3).
 
     Returns:
         (N, H4, W4) long pseudo mask: 0 background, 1..C classes, 255 ignored.
     """
     with torch.no_grad():
-        seeds = normalize_max(cams) * tags[:, :, None, None]
+        present = (tags > 0.5).float()
+        seeds = normalize_max(cams) * present[:, :, None, None]
         if recursive and config.seg_seed_weight > 0:
             seg_fg = torch.softmax(seg_logits, dim=1)[:, 1:]
             seg_fg = F.adaptive_avg_pool2d(seg_fg, cams.shape[2:])
-            seg_seeds = normalize_max(seg_fg) * tags[:, :, None, None]
+            seg_seeds = normalize_max(seg_fg) * present[:, :, None, None]
             weight = config.seg_seed_weight
             seeds = (1 - weight) * seeds + weight * seg_seeds
         correlation = self_correlation(
             features, config.first_order_threshold, config.second_order_threshold
         )
         refined = refine_seeds(
-            correlation, seeds, tags, config.seed_fg_threshold, config.seed_bg_threshold
+            correlation, seeds, present, config.seed_fg_threshold, config.seed_bg_threshold
         )
         size = seg_logits.shape[2:]
         refined = F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
         points = F.adaptive_max_pool2d(point_seeds.float(), size)
-        return pseudo_mask(refined, tags, points, config.confident_fg, config.confident_bg)
+        mask = pseudo_mask(refined, present, points, config.confident_fg, config.confident_bg)
+        # An image with no class present but some unknown is not a negative: nothing is certain.
+        unsure = (present.sum(dim=1) == 0) & (tags < 0).any(dim=1)
+        mask[unsure] = IGNORE_INDEX
+        return mask
 
 
 def training_losses(

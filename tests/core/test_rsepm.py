@@ -80,6 +80,14 @@ def test_classification_loss_is_multilabel_bce():
     torch.testing.assert_close(classification_loss(logits, tags), expected)
 
 
+def test_classification_loss_leaves_unknown_tags_out():
+    logits = torch.tensor([[2.0, -1.0, 5.0]])
+    with_unknown = classification_loss(logits, torch.tensor([[1.0, 0.0, -1.0]]))
+    known_only = classification_loss(logits[:, :2], torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(with_unknown, known_only)
+    assert torch.isnan(classification_loss(logits, torch.tensor([[float("nan"), 0.0, 1.0]])))
+
+
 def test_segmentation_loss_ignores_the_uncertain_band():
     logits = torch.randn(1, 3, 4, 4)
     mask = torch.full((1, 4, 4), IGNORE_INDEX)

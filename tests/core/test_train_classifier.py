@@ -81,6 +81,8 @@ def test_to_binary_marks_any_class_present():
     )
     assert [s.tags for s in binary] == [(1.0,), (0.0,)]
     assert binary[0].points == ((0, 2.0, 3.0),)
+    unknown = to_binary([ClassifierSample("c", (0.0, -1.0)), ClassifierSample("d", (-1.0, 1.0))])
+    assert [s.tags for s in unknown] == [(-1.0,), (1.0,)]
 
 
 def test_pseudo_masks_of_negative_images_are_background():
@@ -95,6 +97,11 @@ def test_pseudo_masks_of_negative_images_are_background():
     assert mask[0].eq(0).all()
     # The second image holds fire only: its labels are background, fire or ignored.
     assert set(mask[1].unique().tolist()) <= {0, 1, IGNORE_INDEX}
+    # No class present but smoke unknown: not a negative image, so nothing is certain.
+    tags = torch.tensor([[0.0, -1.0], [1.0, -1.0]])
+    mask = make_pseudo_masks(cams, seg, features, tags, points, _config(), recursive=False)
+    assert mask[0].eq(IGNORE_INDEX).all()
+    assert not mask[1].eq(IGNORE_INDEX).all()
 
 
 def test_losses_by_stage_and_a_few_steps_reduce_them(samples):
