@@ -7,7 +7,10 @@ a usable image, so callers can report one line per bad file and go on with the r
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # A 20000 x 20000 CCTV mosaic is 400 megapixels; anything above this is refused as a likely
 # decompression bomb. Callers can raise it (ingest --max-pixels).
 DEFAULT_MAX_PIXELS = 100_000_000
+
+# Pillow refuses to open anything above twice its own MAX_IMAGE_PIXELS (about 179 megapixels)
+# before we see the size; a caller who raises max_pixels past that lifts Pillow's limit for the
+# open call, under this lock because the limit is a module global.
+_PIL_LIMIT_LOCK = threading.Lock()
 
 # EXIF orientations 5-8 swap width and height when a viewer shows the image.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
@@ -52,11 +60,22 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+def read_header(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, verify: bool = False
+) -> ImageHeader:
     """Size, format and orientation of an image from its header; pixels are not decoded.
 
+    Args:
+        verify: also decode the pixel data once, so a truncated or corrupt file fails here
+            rather than in training (a truncated JPEG keeps a valid header). JPEGs decode at
+            1/8 scale (Pillow's draft mode), which still walks the whole entropy-coded stream
+            but skips most of the inverse DCT: about 0.7 ms instead of 1.3 ms for a 608x608
+            frame, against 0.15 ms for the header alone (measured on fire-boxes). What passes
+            with verify=True, read_rgb decodes.
+
     Raises:
-        ImageError: empty file, not an image, or more than `max_pixels` pixels.
+        ImageError: empty file, not an image, more than `max_pixels` pixels, or (verify)
+            pixel data that cannot be decoded.
     """
     path = Path(path)
     try:
@@ -65,16 +84,16 @@ def read_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     except OSError as err:
         raise ImageError(path, f"cannot read: {err.strerror}") from err
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
+        with _open(path, max_pixels) as img:
+            width, height = img.size
+            orientation = 1
+            try:
+                orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            except Exception:  # a broken EXIF block does not make the pixels unusable
                 orientation = 1
-                try:
-                    orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-                except Exception:  # a broken EXIF block does not make the pixels unusable
-                    orientation = 1
-                fmt, mode = img.format or "", img.mode
+            fmt, mode = img.format or "", img.mode
+            if verify and width * height <= max_pixels:
+                _decode_once(img, path)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -107,17 +126,43 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     """
     header = read_header(path, max_pixels=max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                rgb = _to_rgb(img)
+        with _open(path, max_pixels) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
     except Exception as err:
         raise ImageError(path, f"cannot decode pixels ({type(err).__name__}: {err})") from err
     if rgb.shape[:2] != (header.height, header.width):
         raise ImageError(path, f"decoded size {rgb.shape[1]}x{rgb.shape[0]} disagrees with header")
     return rgb
+
+
+def _decode_once(img: Image.Image, path: Path) -> None:
+    try:
+        if img.format == "JPEG":
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+    except Exception as err:
+        raise ImageError(path, f"cannot decode pixels ({type(err).__name__}: {err})") from err
+
+
+@contextmanager
+def _open(path: str | Path, max_pixels: int) -> Iterator[Image.Image]:
+    """Image.open without Pillow's bomb warning; our own max_pixels check is the guard."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if pil_limit is not None and max_pixels > 2 * pil_limit:
+            with _PIL_LIMIT_LOCK:
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    img = Image.open(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
+        else:
+            img = Image.open(path)
+        with img:
+            yield img
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

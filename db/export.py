@@ -1,0 +1,273 @@
+"""Write a workspace's annotations as COCO, YOLO, Pascal VOC or mask PNGs (`pyrolabel export`).
+
+What is exported: boxes given with the data or made by reviewers, and proposals a reviewer
+accepted; reference boxes (from `ingest --tags-only`) and pending proposals, with their scores,
+only when asked. Rejected, replaced (edited) and deleted boxes never.
+
+Which images: those with at least one exported box, and negatives, whose tags (given, or a
+reviewer's, which wins) say every class is absent. An image tagged with a class but without
+an exported box of it is left out, since every format here would read it as a negative.
+
+Names. Label files are named by the image's file stem when stems are unique, else by the path
+relative to the images' common folder, so ingesting the export finds each image again.
+Images are not copied; YOLO gets an images.txt list and COCO an `images_root` in its info.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import or_, select
+
+from core.formats import BoxLabel, coco_document, read_mask, voc_xml, write_mask, write_yolo_text
+from db.models import Box, BoxOrigin, BoxStatus, Image, Mask, MaskOrigin, TagOrigin
+from db.queries import class_names, image_tag_sets
+from db.workspace import Workspace, WorkspaceError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("coco", "yolo", "voc", "masks")
+
+
+@dataclass
+class ExportReport:
+    format: str
+    out_dir: Path
+    images: int = 0
+    negatives: int = 0
+    boxes: int = 0
+    masks: int = 0
+    left_out: int = 0  # images tagged present without an exported box
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        what = f"{self.masks} masks" if self.format == "masks" else f"{self.boxes} boxes"
+        text = (
+            f"exported {self.images} images ({self.negatives} negatives), {what} as "
+            f"{self.format} to {self.out_dir}"
+        )
+        if self.left_out:
+            text += f"; left out {self.left_out} tagged images without an exported box"
+        return text
+
+
+@dataclass
+class _ExportImage:
+    id: int
+    path: Path
+    width: int
+    height: int
+    boxes: list[BoxLabel] = field(default_factory=list)
+
+
+def export_annotations(
+    workspace: Workspace,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    include_reference: bool = False,
+    include_pending: bool = False,
+) -> ExportReport:
+    """Export the annotations of `split` (every split when None) as `fmt` into `out_dir`.
+
+    Raises:
+        WorkspaceError: unknown format.
+    """
+    if fmt not in FORMATS:
+        raise WorkspaceError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    report = ExportReport(format=fmt, out_dir=out_dir)
+    with workspace.session() as session:
+        classes = workspace.classes(session)
+        if fmt == "masks":
+            _export_masks(
+                session, workspace, out_dir, split, include_reference, include_pending, report
+            )
+            return report
+        images = _select_images(
+            session, workspace, split, include_reference, include_pending, classes, report
+        )
+    names = export_names([image.path for image in images])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "yolo":
+        _write_yolo(out_dir, images, names, classes)
+    elif fmt == "voc":
+        _write_voc(out_dir, images, names)
+    else:
+        _write_coco(out_dir, images, classes)
+    report.images = len(images)
+    report.boxes = sum(len(image.boxes) for image in images)
+    return report
+
+
+def _box_filter(include_reference: bool, include_pending: bool):
+    """SQL condition for the boxes an export holds (see the module docstring)."""
+    trusted = Box.origin.in_([BoxOrigin.GIVEN, BoxOrigin.HUMAN]) & Box.status.in_(
+        [BoxStatus.ACCEPTED, BoxStatus.PENDING]
+    )
+    accepted = Box.origin.in_([BoxOrigin.PSEUDO, BoxOrigin.MODEL]) & (
+        Box.status == BoxStatus.ACCEPTED
+    )
+    conditions = [trusted, accepted]
+    if include_pending:
+        conditions.append(
+            Box.origin.in_([BoxOrigin.PSEUDO, BoxOrigin.MODEL]) & (Box.status == BoxStatus.PENDING)
+        )
+    if include_reference:
+        conditions.append(
+            (Box.origin == BoxOrigin.REFERENCE)
+            & Box.status.in_([BoxStatus.ACCEPTED, BoxStatus.PENDING])
+        )
+    return or_(*conditions)
+
+
+def _select_images(
+    session,
+    workspace: Workspace,
+    split: str | None,
+    include_reference: bool,
+    include_pending: bool,
+    classes: list[str],
+    report: ExportReport,
+) -> list[_ExportImage]:
+    names = class_names(session)
+    image_query = select(Image.id, Image.path, Image.width, Image.height).order_by(Image.id)
+    if split is not None:
+        image_query = image_query.where(Image.split == split)
+    images = {
+        id_: _ExportImage(id_, workspace.absolute(path), width, height)
+        for id_, path, width, height in session.execute(image_query)
+    }
+
+    box_query = (
+        select(Box.image_id, Box.class_id, Box.x1, Box.y1, Box.x2, Box.y2, Box.status, Box.score)
+        .where(_box_filter(include_reference, include_pending))
+        .order_by(Box.image_id, Box.id)
+    )
+    if split is not None:
+        box_query = box_query.join(Image, Box.image_id == Image.id).where(Image.split == split)
+    for image_id, class_id, x1, y1, x2, y2, status, score in session.execute(box_query):
+        # Scores travel with proposals still waiting for a reviewer; accepted boxes are truth.
+        kept_score = score if status == BoxStatus.PENDING else None
+        images[image_id].boxes.append(BoxLabel(names[class_id], x1, y1, x2, y2, kept_score))
+
+    tags = image_tag_sets(session, origins=(TagOrigin.GIVEN, TagOrigin.REVIEWER), split=split)
+    selected = []
+    for image in images.values():
+        image_tags = tags.get(image.id, {})
+        if image.boxes:
+            selected.append(image)
+        elif image_tags and all(image_tags.get(cls) is False for cls in classes):
+            selected.append(image)
+            report.negatives += 1
+        elif any(image_tags.values()):
+            report.left_out += 1
+    return selected
+
+
+def export_names(paths: list[Path]) -> dict[Path, str]:
+    """{image path: export name without suffix}: the file stem when stems are unique, else the
+    path relative to the images' common folder (POSIX)."""
+    stems = [path.stem for path in paths]
+    if len(set(stems)) == len(stems):
+        return dict(zip(paths, stems, strict=True))
+    root = _common_root(paths)
+    return {path: path.relative_to(root).with_suffix("").as_posix() for path in paths}
+
+
+def _common_root(paths: list[Path]) -> Path:
+    if not paths:
+        return Path(".")
+    return Path(os.path.commonpath([str(path.parent) for path in paths]))
+
+
+def _write_yolo(out_dir: Path, images: list[_ExportImage], names, classes: list[str]) -> None:
+    (out_dir / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
+    labels_dir = out_dir / "labels"
+    for image in images:
+        target = labels_dir / f"{names[image.path]}.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(write_yolo_text(image.boxes, image.width, image.height, classes))
+    (out_dir / "images.txt").write_text("".join(f"{image.path}\n" for image in images))
+
+
+def _write_voc(out_dir: Path, images: list[_ExportImage], names) -> None:
+    annotations = out_dir / "Annotations"
+    for image in images:
+        target = annotations / f"{names[image.path]}.xml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(voc_xml(image.path.name, image.width, image.height, image.boxes))
+
+
+def _write_coco(out_dir: Path, images: list[_ExportImage], classes: list[str]) -> None:
+    root = _common_root([image.path for image in images])
+    document = coco_document(
+        [
+            (image.id, image.path.relative_to(root).as_posix(), image.width, image.height)
+            for image in images
+        ],
+        [(image.id, box) for image in images for box in image.boxes],
+        classes,
+    )
+    document["info"]["images_root"] = str(root)
+    (out_dir / "annotations.json").write_text(json.dumps(document, indent=1))
+
+
+def _export_masks(
+    session,
+    workspace: Workspace,
+    out_dir: Path,
+    split: str | None,
+    include_reference: bool,
+    include_pending: bool,
+    report: ExportReport,
+) -> None:
+    """DIR/<class>/<image name>.png, 255 for the class; several masks of one class are OR-ed."""
+    origins = [MaskOrigin.GIVEN]
+    if include_reference:
+        origins.append(MaskOrigin.REFERENCE)
+    if include_pending:
+        origins.append(MaskOrigin.PSEUDO)
+    names = class_names(session)
+    query = (
+        select(Mask.image_id, Mask.class_id, Mask.path, Image.path, Image.width, Image.height)
+        .join(Image, Mask.image_id == Image.id)
+        .where(Mask.origin.in_(origins))
+        .order_by(Mask.image_id, Mask.id)
+    )
+    if split is not None:
+        query = query.where(Image.split == split)
+    grouped: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    sizes: dict[Path, tuple[int, int]] = {}
+    for _, class_id, mask_path, image_path, width, height in session.execute(query):
+        image = workspace.absolute(image_path)
+        grouped[(image, names[class_id])].append(workspace.absolute(mask_path))
+        sizes[image] = (width, height)
+    export = export_names(list(sizes))
+    for (image, cls), mask_paths in grouped.items():
+        width, height = sizes[image]
+        union = np.zeros((height, width), dtype=bool)
+        for mask_path in mask_paths:
+            try:
+                mask = read_mask(mask_path)
+            except Exception as err:  # Pillow raises many types for a missing or broken file
+                report.problems.append(f"{mask_path}: cannot read the mask ({err}); skipped")
+                continue
+            if mask.shape != union.shape:
+                report.problems.append(
+                    f"{mask_path}: {mask.shape[1]}x{mask.shape[0]} mask for a {width}x{height} "
+                    "image; skipped"
+                )
+                continue
+            union |= mask
+        write_mask(out_dir / cls / f"{export[image]}.png", union)
+        report.masks += 1
+    report.images = len(sizes)
+    out_dir.mkdir(parents=True, exist_ok=True)
