@@ -28,13 +28,18 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import (
+    FCOSClassificationHead,
+    FCOSHead,
+    FCOSRegressionHead,
+)
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -211,6 +216,16 @@ def _assemble(
         extra_blocks=LastLevelP6P7(spec.fpn_channels, spec.fpn_channels),
     )
     head = FCOSHead(spec.fpn_channels, 1, num_classes, num_convs=spec.head_convs)
+    if spec.fpn_channels < 64:
+        # torchvision's GroupNorm(32) leaves one value per group on a 1x1 P7 map (images up to
+        # 128 px) and refuses it; two channels per group keep narrow heads usable there.
+        norm = partial(nn.GroupNorm, spec.fpn_channels // 2)
+        head.classification_head = FCOSClassificationHead(
+            spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=norm
+        )
+        head.regression_head = FCOSRegressionHead(
+            spec.fpn_channels, 1, spec.head_convs, norm_layer=norm
+        )
     model = FCOS(
         backbone,
         num_classes,
