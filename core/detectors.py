@@ -219,12 +219,12 @@ def _assemble(
     if spec.fpn_channels < 64:
         # torchvision's GroupNorm(32) leaves one value per group on a 1x1 P7 map (images up to
         # 128 px) and refuses it; two channels per group keep narrow heads usable there.
-        norm = partial(nn.GroupNorm, spec.fpn_channels // 2)
+        head_norm = partial(nn.GroupNorm, spec.fpn_channels // 2)
         head.classification_head = FCOSClassificationHead(
-            spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=norm
+            spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=head_norm
         )
         head.regression_head = FCOSRegressionHead(
-            spec.fpn_channels, 1, spec.head_convs, norm_layer=norm
+            spec.fpn_channels, 1, spec.head_convs, norm_layer=head_norm
         )
     model = FCOS(
         backbone,
