@@ -130,7 +130,7 @@ def _stable_seed(name: str) -> int:
 
 def _to_16bit(img: Image.Image) -> Image.Image:
     grey = np.asarray(img.convert("L"), dtype=np.uint16) * 257
-    return Image.fromarray(grey.astype("<u2"), mode="I;16")
+    return Image.fromarray(grey.astype("<u2"))  # uint16 -> mode I;16
 
 
 @pytest.fixture
