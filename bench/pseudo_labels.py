@@ -11,9 +11,8 @@ are references only) with some clips held out:
     fire-masks  every frame tagged fire; held out by whole video (VideoNN)
     fire-tags   its `fire` column; held out by a hash of the file name
 
-Sources that say nothing about smoke (fire-masks, fire-tags) are tagged smoke-absent: the
-engine's tags have no "unknown" value. Some fire photos do show smoke, so this is label noise
-against the smoke class, and it is the same for every method below.
+Sources that say nothing about smoke (fire-masks, fire-tags) tag smoke as unknown (-1), which
+the classification loss leaves out: many fire photos show smoke too.
 
 Every method turns one image into a (C, S, S) map per class in [0, 1] at the working size S;
 a mask is `map >= t`, a pseudo box is a connected component of that mask (core.boxes). The
@@ -76,6 +75,7 @@ log = logging.getLogger("bench.pseudo_labels")
 
 CLASSES = ("fire", "smoke")
 FIRE, SMOKE = 0, 1
+UNKNOWN = -1.0  # a tag the source does not give (core.classifier_data.ClassifierSample)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -152,7 +152,7 @@ class BenchConfig:
 class Item:
     """One image of the development data.
 
-    tags: (fire, smoke), 1.0 present, 0.0 absent.
+    tags: (fire, smoke), 1.0 present, 0.0 absent, -1.0 unknown.
     boxes: reference boxes (x1, y1, x2, y2, class index) in pixels of the image; only
         fire-boxes has them (`has_boxes`).
     mask_path: reference fire mask (PNG, 255 = fire); only fire-masks has them.
@@ -228,7 +228,7 @@ def load_fire_masks(root: Path) -> list[Item]:
                 group=image_path.name.split("_")[0],
                 width=header.width,
                 height=header.height,
-                tags=(1.0, 0.0),
+                tags=(1.0, UNKNOWN),
                 mask_path=str(mask_path) if mask_path.exists() else None,
             )
         )
@@ -251,7 +251,7 @@ def load_fire_tags(root: Path) -> list[Item]:
                     group=row["image"],  # independent web photos: each its own group
                     width=header.width,
                     height=header.height,
-                    tags=(float(int(row["fire"]) > 0), 0.0),
+                    tags=(float(int(row["fire"]) > 0), UNKNOWN),
                 )
             )
     return items
@@ -260,7 +260,8 @@ def load_fire_tags(root: Path) -> list[Item]:
 def split_by_group(
     items: Sequence[Item], held_out_frac: float, salt: str = "pyrolabel"
 ) -> tuple[list[Item], list[Item]]:
-    """Hold out whole groups, in the order of a salted hash, until held_out_frac is reached.
+    """Hold out whole groups, taken in the order of a salted hash, each one only if it brings
+    the held-out share closer to held_out_frac (so one long video cannot overshoot it).
 
     Deterministic: the same data give the same split on every machine.
     """
@@ -268,10 +269,12 @@ def split_by_group(
     for item in items:
         groups.setdefault(item.group, []).append(item)
     order = sorted(groups, key=lambda g: _stable_hash(f"{salt}:{g}"))
+    wanted = held_out_frac * len(items)
     held_out, train = [], []
     for group in order:
-        target = held_out if len(held_out) < held_out_frac * len(items) else train
-        target.extend(groups[group])
+        members = groups[group]
+        closer = abs(len(held_out) + len(members) - wanted) < abs(len(held_out) - wanted)
+        (held_out if closer else train).extend(members)
     return train, held_out
 
 
