@@ -225,3 +225,45 @@ def proposal_boxes(
         if found:
             boxes[c] = scale_boxes(found, (size[1], size[0]), (proposal.width, proposal.height))
     return boxes
+
+
+def proposal_uncertainty(
+    proposal: Proposal,
+    boxes: dict[int, list[PseudoBox]],
+    *,
+    tag_threshold: float = 0.5,
+    box_threshold: float = 0.5,
+) -> float:
+    """How close the image's class probabilities and box scores are to their thresholds: 1 when
+    one sits on its threshold, 0 when all are at 0 or 1. The review queue shows these first."""
+    values = [(float(p), tag_threshold) for p in proposal.probs]
+    values += [(box.score, box_threshold) for found in boxes.values() for box in found]
+    if not values:
+        return 0.0
+    return max(1.0 - abs(v - t) / max(t, 1.0 - t) for v, t in values)
+
+
+def cam_outside_boxes(proposal: Proposal, boxes: dict[int, list[PseudoBox]]) -> float:
+    """Share of the gated CAM mass that no box of its class covers, in [0, 1].
+
+    High when the classifier looks at something the masks did not turn into a box (a missed
+    object, or heat the masks rightly dropped); the review queue can sort by it.
+    boxes: per class index, in pixels of the original image.
+    """
+    if proposal.error or proposal.cams.size == 0:
+        return 0.0
+    cams = proposal.cams.astype(np.float32)
+    total = float(cams.sum())
+    if total <= 0:
+        return 0.0
+    map_height, map_width = cams.shape[1:]
+    sx, sy = map_width / proposal.width, map_height / proposal.height
+    inside = 0.0
+    for c, found in boxes.items():
+        covered = np.zeros((map_height, map_width), dtype=bool)
+        for box in found:
+            x1, x2 = int(np.floor(box.x1 * sx)), int(np.ceil(box.x2 * sx))
+            y1, y2 = int(np.floor(box.y1 * sy)), int(np.ceil(box.y2 * sy))
+            covered[y1:y2, x1:x2] = True
+        inside += float(cams[c][covered].sum())
+    return float(min(1.0, max(0.0, 1.0 - inside / total)))
