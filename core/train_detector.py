@@ -326,7 +326,7 @@ def train_detector(
             bad_anywhere, cancel = _any_rank_flags([bad_term is not None, cancel], info, device)
             if bad_anywhere:
                 where = f"term {bad_term!r}" if bad_term else "a term on another rank"
-                value = float(losses[bad_term]) if bad_term else float("nan")
+                value = float(losses[bad_term].detach()) if bad_term else float("nan")
                 raise FloatingPointError(
                     f"{stage}: non-finite loss in {where} ({value}) at epoch {epoch + 1} step "
                     f"{step}; lower the learning rate or check the boxes of this batch"
