@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from core.images import read_rgb
+from core.images import ImageError, read_rgb
 from core.rsepm import IMAGENET_MEAN, IMAGENET_STD
 from core.seeds import rasterize_points
 
@@ -121,9 +121,17 @@ class ClassifierDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        rgb = read_rgb(sample.path)
+        tags = sample.tags
+        points = [p for p in sample.points if tags[p[0]] > 0.5]
+        try:
+            rgb = read_rgb(sample.path)
+        except ImageError as err:
+            # One unreadable file must not stop a long run: it becomes a grey image whose tags
+            # are all unknown, so no loss term learns from it.
+            log.warning("training image skipped: %s", err)
+            rgb = np.full((self.image_size, self.image_size, 3), 128, dtype=np.uint8)
+            tags, points = (-1.0,) * self.num_classes, []
         height, width = rgb.shape[:2]
-        points = [p for p in sample.points if sample.tags[p[0]] > 0.5]
 
         # Geometry: resize to a square of side S * scale, crop S x S, maybe flip. Points follow.
         size = self.image_size
@@ -148,7 +156,7 @@ class ClassifierDataset(Dataset):
         point_seeds = rasterize_points(points, self.num_classes, size, size, self.point_radius)
         return {
             "image": image,
-            "tags": torch.tensor(sample.tags, dtype=torch.float32),
+            "tags": torch.tensor(tags, dtype=torch.float32),
             "point_seeds": point_seeds,
             "index": index,
         }

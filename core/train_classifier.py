@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -459,7 +460,7 @@ def train_classifier(
             best_metric = min(best_metric, metric)
             save(epoch + 1, 0)
             if improved and rank == 0:
-                torch.save(torch.load(last_path, weights_only=False), best_path)
+                shutil.copyfile(last_path, best_path)
             if rank == 0:
                 callback.on_epoch_end(
                     EpochInfo(

@@ -68,6 +68,15 @@ def test_dataset_items_and_points_follow_the_flip(samples):
     assert not torch.equal(augmented[2]["image"], first)
 
 
+def test_an_unreadable_image_is_skipped_with_unknown_tags(tmp_path, caplog):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    item = ClassifierDataset([ClassifierSample(str(bad), (1.0, 0.0))], 2, image_size=32)[0]
+    assert item["tags"].tolist() == [-1.0, -1.0]
+    assert item["image"].shape == (3, 32, 32)
+    assert "broken.jpg" in caplog.text
+
+
 def test_points_of_absent_classes_are_dropped(tmp_path, make_image):
     path = make_image(tmp_path / "a.png", (32, 32))
     sample = ClassifierSample(str(path), (0.0, 1.0), ((0, 10.0, 10.0),))
