@@ -86,14 +86,11 @@ def read_header(
     try:
         with _open(path, max_pixels) as img:
             width, height = img.size
-            orientation = 1
-            try:
-                orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-            except Exception:  # a broken EXIF block does not make the pixels unusable
-                orientation = 1
             fmt, mode = img.format or "", img.mode
-            if verify and width * height <= max_pixels:
+            decoded = verify and width * height <= max_pixels
+            if decoded:
                 _decode_once(img, path)
+            orientation = _orientation(img, decoded)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -135,6 +132,25 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     if rgb.shape[:2] != (header.height, header.width):
         raise ImageError(path, f"decoded size {rgb.shape[1]}x{rgb.shape[0]} disagrees with header")
     return rgb
+
+
+def _orientation(img: Image.Image, decoded: bool) -> int:
+    """The EXIF orientation tag (1 when absent or unreadable)."""
+    try:
+        if img.format == "PNG" and not decoded:
+            # Pillow's PNG getexif() decodes every pixel to reach an eXIf chunk placed after
+            # the image data (and swallows decode errors on the way); a header read takes
+            # only a chunk before it, which is where writers put it.
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        return int(exif.get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block does not make the pixels unusable
+        return 1
 
 
 def _decode_once(img: Image.Image, path: Path) -> None:

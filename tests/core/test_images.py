@@ -101,12 +101,17 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path, make_image):
         with pytest.raises(ImageError, match=reason) as info:
             read_header(path)
         assert str(path) in str(info.value)
-    # A truncated JPEG keeps a valid header: only decoding finds it.
-    assert read_header(truncated).width == 64
-    with pytest.raises(ImageError, match="cannot decode"):
-        read_header(truncated, verify=True)
-    with pytest.raises(ImageError, match="cannot decode"):
-        read_rgb(truncated)
+    png = make_image(tmp_path / "good.png", (64, 64)).read_bytes()
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(png[:60] + bytes(200) + png[260:])
+    # A truncated JPEG or a PNG with damaged image data keeps a valid header: only decoding
+    # finds it (Pillow's PNG EXIF reader once swallowed this decode error).
+    for broken in (truncated, corrupt):
+        assert read_header(broken).width == 64
+        with pytest.raises(ImageError, match="cannot decode"):
+            read_header(broken, verify=True)
+        with pytest.raises(ImageError, match="cannot decode"):
+            read_rgb(broken)
 
 
 def test_pixel_limit(tmp_path):

@@ -1,5 +1,5 @@
-"""Database tests run on every backend: SQLite always, PostgreSQL when
-$PYROLABEL_TEST_PG_URL names a server (each test gets a fresh database, dropped afterwards)."""
+"""Database tests run on every backend: SQLite always, PostgreSQL when $PYROLABEL_TEST_PG_URL
+names a server. Either way each test's `workspace` starts empty (classes fire, smoke)."""
 
 from __future__ import annotations
 
@@ -10,4 +10,4 @@ import pytest
 def db_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "sqlite":
         return None
-    return request.getfixturevalue("pg_database_url")
+    return request.getfixturevalue("pg_workspace_url")
