@@ -195,7 +195,10 @@ def mark_running(session: Session, *, job_id: int, pid: int, host: str | None = 
     """The worker took the job: running, with its pid and host, and a first heartbeat."""
     job = get_job(session, job_id)
     if job.state != JobState.QUEUED:
-        raise JobError(f"job {job_id} is {job.state}, not queued; nothing to run")
+        raise JobError(
+            f"job {job_id} is {job.state}, not queued; `pyrolabel retrain --resume {job_id}` "
+            "queues a failed or cancelled job again"
+        )
     now = utcnow()
     job.state = JobState.RUNNING
     job.pid = pid
