@@ -1,0 +1,185 @@
+"""The demo workspace behind `make demo`: 40 fire and smoke frames from assets/demo, proposed.
+
+    python -m app.demo --workspace workspace/demo          build (or reuse) the demo workspace
+    python -m app.demo --make-model --data ../shared/data  remake assets/demo/classifier.pt
+
+Building ingests the demo images with their boxes kept as reference labels (the classifier sees
+only the tags, as a team with tags only would), registers the classifier shipped in
+assets/demo/classifier.pt (or, when it is missing, trains a small one here in a few minutes),
+and runs `propose`, so the review app opens on real proposals. Every step is a `pyrolabel`
+command, and a step already done is skipped, so running it again is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from app.cli import main as pyrolabel
+from db.models import Image, ModelVersion, ProposalImage
+from db.proposals import add_model_version
+from db.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_MODEL = ASSETS / "classifier.pt"
+
+# Settings of the shipped classifier; `--make-model` trains it on every tag of ../shared/data.
+MODEL_ARCH = "resnet10"
+MODEL_IMAGE_SIZE = 160
+MODEL_EPOCHS = 16
+# Without the shipped file: a short run on the 40 demo images only (a weak model, but real).
+FALLBACK_EPOCHS = 6
+FALLBACK_IMAGE_SIZE = 128
+
+
+def _run(workspace: Workspace, *argv: str) -> None:
+    code = pyrolabel(["--workspace", str(workspace.root), *argv])
+    if code != 0:
+        raise SystemExit(f"demo: `pyrolabel {' '.join(argv)}` failed with exit code {code}")
+
+
+def build(workspace: Workspace, assets: Path = ASSETS) -> None:
+    """Create the demo workspace from `assets`, or finish one a previous call left half done."""
+    _run(workspace, "init", "--classes", "fire,smoke")
+    with workspace.session() as session:
+        image_count = session.scalar(select(func.count(Image.id)))
+    if image_count == 0:
+        _run(
+            workspace,
+            "ingest",
+            str(assets / "images"),
+            "--yolo",
+            str(assets / "labels"),
+            "--classes",
+            str(assets / "classes.txt"),
+            "--tags-only",
+        )
+
+    with workspace.session() as session:
+        has_classifier = session.scalar(
+            select(ModelVersion.id).where(ModelVersion.kind == "classifier").limit(1)
+        )
+    if not has_classifier:
+        model = assets / DEMO_MODEL.name
+        if model.is_file():
+            register_classifier(workspace, model)
+        else:
+            log.warning(
+                "%s is missing; training a small classifier on the demo images instead", model
+            )
+            _run(
+                workspace,
+                "train",
+                "classifier",
+                "--arch",
+                MODEL_ARCH,
+                "--epochs",
+                str(FALLBACK_EPOCHS),
+                "--image-size",
+                str(FALLBACK_IMAGE_SIZE),
+                "--weights",
+                "none",
+                "--workers",
+                "0",
+            )
+
+    with workspace.session() as session:
+        proposed = session.scalar(select(func.count(ProposalImage.id)))
+    if proposed < image_count or image_count == 0:
+        _run(workspace, "propose", "--workers", "0")
+
+
+def register_classifier(workspace: Workspace, checkpoint_path: Path) -> int:
+    """Copy a classifier checkpoint into the workspace and register it as a model version."""
+    import torch
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    classes = checkpoint["classes"]
+    if classes != workspace.classes():
+        raise SystemExit(
+            f"{checkpoint_path} was trained for classes {classes}, the workspace has "
+            f"{workspace.classes()}; remake it with `python -m app.demo --make-model`"
+        )
+    target = workspace.models_dir / "demo-classifier.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint_path, target)
+    with workspace.transaction() as session:
+        return add_model_version(
+            session,
+            kind="classifier",
+            arch=checkpoint["arch"],
+            path=workspace.relative(target),
+            classes=classes,
+            config=checkpoint.get("config"),
+            metrics={"source": "assets/demo/classifier.pt"},
+        )
+
+
+def make_model(data: Path, out: Path = DEMO_MODEL) -> None:
+    """Train the shipped demo classifier on every tag of the development data and save it small.
+
+    The images under assets/demo are part of fire-boxes, so the demo shows a model that has seen
+    their tags (never their boxes): what a team sees on its own tagged data.
+    """
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="pyrolabel-demo-model-") as tmp:
+        workspace = Workspace(Path(tmp) / "workspace")
+        _run(workspace, "init", "--classes", "fire,smoke")
+        boxes, masks, tags = data / "fire-boxes", data / "fire-masks", data / "fire-tags"
+        _run(workspace, "ingest", str(boxes / "images"), "--yolo", str(boxes / "labels"),
+             "--tags-only")  # fmt: skip
+        _run(workspace, "ingest", str(masks / "images"), "--masks", str(masks / "masks"),
+             "--mask-class", "fire", "--tags-only")  # fmt: skip
+        _run(workspace, "ingest", str(tags / "images"), "--tags", str(tags / "tags.csv"))
+        _run(workspace, "train", "classifier", "--arch", MODEL_ARCH, "--epochs",
+             str(MODEL_EPOCHS), "--image-size", str(MODEL_IMAGE_SIZE), "--weights", "none")  # fmt: skip
+        with workspace.session() as session:
+            version = session.scalar(
+                select(ModelVersion)
+                .where(ModelVersion.kind == "classifier")
+                .order_by(ModelVersion.id.desc())
+            )
+            path = workspace.absolute(version.path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+
+    # Half precision and no optimizer state: a quarter of the training checkpoint's size.
+    slim = {k: v for k, v in checkpoint.items() if k not in ("optimizer", "scheduler")}
+    slim["model"] = {
+        k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out)
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")  # noqa: T201
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--workspace", default="workspace/demo", help="demo workspace folder")
+    parser.add_argument(
+        "--make-model", action="store_true", help="remake assets/demo/classifier.pt"
+    )
+    parser.add_argument(
+        "--data", default="../shared/data", help="development data for --make-model"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.make_model:
+        make_model(Path(args.data))
+        return 0
+    workspace = Workspace(args.workspace)
+    build(workspace)
+    print(f"demo workspace ready at {workspace.root}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
