@@ -135,13 +135,15 @@ def make_model(data: Path, out: Path = DEMO_MODEL) -> None:
         workspace = Workspace(Path(tmp) / "workspace")
         _run(workspace, "init", "--classes", "fire,smoke")
         boxes, masks, tags = data / "fire-boxes", data / "fire-masks", data / "fire-tags"
-        _run(workspace, "ingest", str(boxes / "images"), "--yolo", str(boxes / "labels"),
-             "--tags-only")  # fmt: skip
-        _run(workspace, "ingest", str(masks / "images"), "--masks", str(masks / "masks"),
-             "--mask-class", "fire", "--tags-only")  # fmt: skip
-        _run(workspace, "ingest", str(tags / "images"), "--tags", str(tags / "tags.csv"))
-        _run(workspace, "train", "classifier", "--arch", MODEL_ARCH, "--epochs",
-             str(MODEL_EPOCHS), "--image-size", str(MODEL_IMAGE_SIZE), "--weights", "none")  # fmt: skip
+        steps = [
+            ["ingest", str(boxes / "images"), "--yolo", str(boxes / "labels"), "--tags-only"],
+            ["ingest", str(masks / "images"), "--masks", str(masks / "masks"), "--tags-only"],
+            ["ingest", str(tags / "images"), "--tags", str(tags / "tags.csv")],
+            ["train", "classifier", "--arch", MODEL_ARCH, "--epochs", str(MODEL_EPOCHS),
+             "--image-size", str(MODEL_IMAGE_SIZE), "--weights", "none"],
+        ]  # fmt: skip
+        for step in steps:
+            _run(workspace, *step)
         with workspace.session() as session:
             version = session.scalar(
                 select(ModelVersion)
