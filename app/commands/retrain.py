@@ -219,7 +219,9 @@ def summary(job, seconds: float | None = None) -> str:
     for kind, metrics in (job.metrics or {}).items():
         if not isinstance(metrics, dict) or metrics.get("AP50") is None:
             continue
-        text = f"{kind} AP50 {metrics['AP50']:.3f} AP {metrics['AP']:.3f}"
+        text = f"{kind} AP50 {metrics['AP50']:.3f}"
+        if metrics.get("AP") is not None:
+            text += f" AP {metrics['AP']:.3f}"
         alarm = (metrics.get("false_alarm") or {}).get("any", {}).get("rate")
         if alarm is not None:
             text += f" false alarms {alarm:.1%}"

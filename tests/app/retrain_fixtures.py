@@ -103,6 +103,36 @@ def make_curated_workspace(workspace, image_dir: Path) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Worker processes.
+
+
+def tracked_workers(monkeypatch):
+    """Body of a `workers` fixture: yields the worker processes a test starts (fake stages
+    importable, one thread each) and kills those still running at the end."""
+    from app import jobs
+
+    started = []
+
+    original = jobs.start_worker
+
+    def start(workspace, job_id):
+        process = original(workspace, job_id)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(jobs, "start_worker", start)
+    # Workers find the fake stages (retrain_fixtures) next to this file.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    # One thread each: on a shared 2-core machine more only fight over the cores.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------
 # Fake stages, for runner tests that need no training. The worker loads them by reference:
 # PYROLABEL_STAGE_FUNCTIONS=retrain_fixtures:FAKE_STAGES with this folder on PYTHONPATH.
 

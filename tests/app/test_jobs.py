@@ -22,7 +22,7 @@ from db.models import DatasetItem, Job, JobState, ModelVersion
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from retrain_fixtures import FAKE_STAGES, make_curated_workspace  # noqa: E402
+from retrain_fixtures import FAKE_STAGES, make_curated_workspace, tracked_workers  # noqa: E402
 
 TINY = {
     "teacher": "tiny-teacher",
@@ -42,25 +42,7 @@ def curated(workspace, tmp_path):
 
 @pytest.fixture
 def workers(monkeypatch):
-    """Processes started by a test; any still running at the end are killed."""
-    started = []
-    original = jobs.start_worker
-
-    def start(workspace, job_id):
-        process = original(workspace, job_id)
-        started.append(process)
-        return process
-
-    monkeypatch.setattr(jobs, "start_worker", start)
-    # Workers find the fake stages (retrain_fixtures) next to this file.
-    monkeypatch.setenv("PYTHONPATH", str(HERE))
-    # One thread each: on a shared 2-core machine more only fight over the cores.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+    yield from tracked_workers(monkeypatch)
 
 
 def _job(workspace, job_id) -> Job:
