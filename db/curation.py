@@ -59,6 +59,10 @@ ROLE_TRAIN = "train"
 ROLE_NEGATIVE = "negative"
 ROLE_EVAL = "eval"
 
+# The reason recorded for boxes rejected without a reason key, and for images reviewers marked
+# empty by tags alone.
+NOTHING_HERE = "nothing here"
+
 # Box statuses that still stand: rejected, deleted and edited (replaced) boxes do not.
 _STANDING = (BoxStatus.PENDING, BoxStatus.ACCEPTED)
 
@@ -144,7 +148,8 @@ def _load_rows(
         image = rows[box.image_id]
         coords = [box.x1, box.y1, box.x2, box.y2, class_index[box.class_id]]
         if box.status == BoxStatus.REJECTED and box.origin != BoxOrigin.REFERENCE:
-            image.rejected.append([*coords, box.false_positive_reason or "other"])
+            # No reason key: the reviewer rejected the whole image ("nothing here", db.review).
+            image.rejected.append([*coords, box.false_positive_reason or NOTHING_HERE])
         if image.split in eval_splits:
             if _is_truth(box):
                 image.truth_boxes.append(coords)
@@ -248,7 +253,7 @@ def freeze_dataset_version(
         for box in boxes:
             box_counts[role][classes[int(box[4])]] += 1
         if role == ROLE_NEGATIVE:
-            reasons = {r[5] for r in image.rejected} or {"nothing here"}
+            reasons = {r[5] for r in image.rejected} or {NOTHING_HERE}
             negatives_by_reason.update(reasons)
         if role == ROLE_TRAIN:
             point_count += len(image.points)

@@ -164,6 +164,8 @@ def test_hard_negatives(workspace):
         nothing_here = rows.image()
         rows.tag(nothing_here, FIRE, False, TagOrigin.REVIEWER)
         rows.tag(nothing_here, SMOKE, False, TagOrigin.REVIEWER)
+        # db.review's "nothing here" rejects the image's boxes without a reason key.
+        rows.box(nothing_here, SMOKE, BoxOrigin.PSEUDO, BoxStatus.REJECTED)
         given_clean = rows.image()
         rows.tag(given_clean, FIRE, False)
         rows.tag(given_clean, SMOKE, False)
@@ -197,6 +199,7 @@ def test_hard_negatives(workspace):
     }
     assert items[rejected_only.id].boxes == []
     assert items[rejected_only.id].rejected[0][5] == "torch"
+    assert items[nothing_here.id].rejected[0][4:] == [SMOKE, "nothing here"]
     assert summary["images"] == {"negative": 4}
     assert summary["negatives_by_reason"] == {"torch": 1, "nothing here": 3}
 
