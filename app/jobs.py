@@ -19,6 +19,7 @@ their order is fixed (STAGES) whatever order the user names them in.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -27,7 +28,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,9 @@ class ProgressReporter:
         self.job_id = job_id
         self.stages = stages
         self.cancel_flag = threading.Event()
+        # While set, a cancel seen by the heartbeat raises KeyboardInterrupt in the main thread,
+        # for stages that run code with no cancel hook (see StageContext.interruptible).
+        self.interrupt_on_cancel = threading.Event()
         self._lock = threading.Lock()
         self._stage: str | None = None
         self._stage_started = time.monotonic()
@@ -173,9 +178,14 @@ class ProgressReporter:
             raise JobCancelled(f"job {self.job_id} cancelled")
 
     def heartbeat(self) -> None:
+        """Called from the heartbeat thread."""
         with self._lock, self.workspace.transaction() as session:
             if job_rows.heartbeat(session, job_id=self.job_id):
                 self.cancel_flag.set()
+        if self.cancel_flag.is_set() and self.interrupt_on_cancel.is_set():
+            self.interrupt_on_cancel.clear()
+            log.info("job %d: cancel requested; interrupting the stage", self.job_id)
+            _thread.interrupt_main()
 
     def _write(self, *, force: bool = False, **values: Any) -> None:
         now = time.monotonic()
@@ -212,6 +222,16 @@ class StageContext:
 
     def check_cancel(self) -> None:
         self.reporter.check_cancel()
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Run code that has no cancel hook (another command's loop): a cancel then raises
+        KeyboardInterrupt in it, within a heartbeat, which the job records as cancelled."""
+        self.reporter.interrupt_on_cancel.set()
+        try:
+            yield
+        finally:
+            self.reporter.interrupt_on_cancel.clear()
 
 
 StageFunction = Callable[[StageContext], dict[str, Any]]

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.jobs import JobCancelled, StageContext
 from db.curation import ROLE_EVAL, ROLE_NEGATIVE, ROLE_TRAIN, FrozenItem, dataset_items
@@ -214,6 +215,149 @@ def student_stage(ctx: StageContext) -> dict[str, Any]:
         parent_id=teacher_id if distill else None,
     )
     return {"model_version_id": version_id, "teacher_model_version_id": teacher_id, **trained}
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier and proposals: new pseudo boxes for reviewers, from the newest tags and points.
+
+
+def _training_splits(workspace: Workspace, eval_splits: Sequence[str]) -> list[str]:
+    from db.models import Image
+
+    with workspace.session() as session:
+        splits = session.scalars(select(Image.split).distinct())
+        return sorted(split for split in splits if split not in set(eval_splits))
+
+
+def classifier_stage(ctx: StageContext) -> dict[str, Any]:
+    """Retrain the RS+EPM classifier on the tags and points of every training split, as they
+    are now (db.proposals.training_images decides what counts, as for `pyrolabel train
+    classifier`)."""
+    from core.classifier_data import ClassifierSample
+    from core.train_classifier import ClassifierConfig, TrainCallback, train_classifier
+    from db.proposals import training_images
+
+    options = ctx.options
+    splits = _training_splits(ctx.workspace, options.eval_splits)
+    with ctx.workspace.session() as session:
+        classes = ctx.workspace.classes(session)
+        images = training_images(session, splits=splits)
+    samples = [
+        ClassifierSample(
+            str(ctx.workspace.absolute(image.path)),
+            tuple(float(image.tags[name]) if name in image.tags else -1.0 for name in classes),
+            tuple((classes.index(name), x, y) for name, x, y in image.points),
+        )
+        for image in images
+    ]
+    if not samples:
+        raise RuntimeError(
+            f"no tagged image in the training splits ({', '.join(splits) or 'none'}); ingest "
+            "tags first, or leave the classifier stage out"
+        )
+
+    config = ClassifierConfig(seed=options.seed, device=options.device)
+    if options.epochs is not None:
+        # Warm-up and recursion keep their share of the run, as `train classifier` does.
+        defaults = ClassifierConfig()
+        config.epochs = options.epochs
+        config.warmup_epochs = round(options.epochs * defaults.warmup_epochs / defaults.epochs)
+        config.recursion_start_epoch = max(
+            config.warmup_epochs,
+            round(options.epochs * defaults.recursion_start_epoch / defaults.epochs),
+        )
+    if options.image_size is not None:
+        config.image_size = max(32, round(options.image_size / 16) * 16)  # output stride 16
+    if options.batch_size is not None:
+        config.batch_size = options.batch_size
+    config.num_workers = 0  # the worker is one process; data loading processes only compete
+
+    class JobProgress(TrainCallback):
+        def on_step(self, info) -> None:
+            done = info.epoch * info.steps_per_epoch + info.step + 1
+            ctx.report(
+                fraction=done / (config.epochs * info.steps_per_epoch),
+                epoch=info.epoch + 1,
+                step=info.step + 1,
+                losses=info.losses,
+            )
+
+        def should_stop(self) -> bool:
+            return ctx.should_stop()
+
+    output_dir = ctx.work_dir / "classifier"
+    resume = (output_dir / "last.pt").is_file()
+    result = train_classifier(
+        config, samples, classes, output_dir, resume=resume, callback=JobProgress()
+    )
+    if result.interrupted:
+        raise JobCancelled(f"classifier cancelled in epoch {result.epochs_completed + 1}")
+    final = result.history[-1] if result.history else {}
+    version_id = _register(
+        ctx.workspace,
+        kind="classifier",
+        arch=config.arch,
+        path=ctx.workspace.relative(result.checkpoint_path),
+        classes=classes,
+        config=asdict(config),
+        metrics={
+            "final_losses": {k: v for k, v in final.items() if k not in ("epoch", "stage")},
+            "samples": len(samples),
+            "splits": splits,
+            "history": result.history,
+        },
+        job_id=ctx.job_id,
+    )
+    return {"model_version_id": version_id, "images": len(samples), "splits": splits}
+
+
+def proposals_stage(ctx: StageContext) -> dict[str, Any]:
+    """Propose pseudo boxes on every image with the newest classifier, by running `pyrolabel
+    propose` itself (it commits as it goes and continues an interrupted run)."""
+    import argparse
+    import contextlib
+    import io
+
+    from app.commands import propose
+    from db.models import Image, ProposalImage, ProposalRun
+
+    parser = propose.add_parser(argparse.ArgumentParser().add_subparsers())
+    args = parser.parse_args(["--workers", "0"])
+    args.device = ctx.options.device
+    if "classifier" in ctx.results:
+        args.model = ctx.results["classifier"]["model_version_id"]
+    with ctx.workspace.session() as session:
+        total = session.scalar(select(func.count(Image.id))) or 1
+        before = session.scalar(select(func.max(ProposalRun.id))) or 0
+
+    # `propose` has no progress hook: count the images its newest run has stored so far.
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(2.0):
+            with ctx.workspace.session() as session:
+                done = session.scalar(
+                    select(func.count(ProposalImage.id)).where(
+                        ProposalImage.run_id == select(func.max(ProposalRun.id)).scalar_subquery()
+                    )
+                )
+            ctx.report(fraction=(done or 0) / total, step=done)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    output = io.StringIO()
+    try:
+        with ctx.interruptible(), contextlib.redirect_stdout(output):
+            code = propose.run(args, ctx.workspace)
+    finally:
+        stop.set()
+        watcher.join()
+        log.info("propose: %s", output.getvalue().strip())
+    if code != 0:
+        raise RuntimeError(f"propose failed (exit {code}); see the job log")
+    with ctx.workspace.session() as session:
+        run_id = session.scalar(select(func.max(ProposalRun.id)))
+    return {"proposal_run_id": run_id, "new_run": (run_id or 0) > before}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +561,8 @@ def evaluation_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
+    "classifier": classifier_stage,
+    "proposals": proposals_stage,
     "teacher": teacher_stage,
     "student": student_stage,
     "evaluation": evaluation_stage,

@@ -18,7 +18,7 @@ from app import jobs
 from app.stages import STAGE_FUNCTIONS, evaluate_predictions, still_fires, teacher_stage
 from db import jobs as job_rows
 from db.curation import FrozenItem
-from db.models import DatasetItem, Job, JobState, ModelVersion
+from db.models import DatasetItem, Job, JobState, ModelVersion, ProposalRun
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -60,7 +60,8 @@ def _wait_for(condition, timeout=60.0, what="condition"):
 
 
 def test_tiny_retrain_end_to_end_through_the_worker_process(curated, workers):
-    job = jobs.submit_retrain(curated, jobs.RetrainOptions(**TINY), created_by="test")
+    options = jobs.RetrainOptions(stages=list(jobs.STAGES), **TINY)
+    job = jobs.submit_retrain(curated, options, created_by="test")
     states = [_job(curated, job.id).state]
     progress = []
 
@@ -75,7 +76,8 @@ def test_tiny_retrain_end_to_end_through_the_worker_process(curated, workers):
     assert states == ["queued", "running", "succeeded"]
     assert progress == sorted(progress) and final.progress == 1.0
     assert final.active_slot is None and final.finished_at is not None
-    assert "stage teacher" in log_text and "stage student" in log_text
+    for stage in jobs.STAGES:
+        assert f"stage {stage}" in log_text
 
     # The frozen set, the registered models and their numbers.
     with curated.session() as session:
@@ -89,12 +91,18 @@ def test_tiny_retrain_end_to_end_through_the_worker_process(curated, workers):
         models = list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)))
     assert roles == ["eval"] * 3 + ["negative"] * 2 + ["train"] * 4
     assert [(m.kind, m.arch, m.job_id) for m in models] == [
+        ("classifier", "resnet10", job.id),
         ("teacher", "tiny-teacher", job.id),
         ("student", "tiny-student", job.id),
     ]
-    teacher, student = models
+    classifier, teacher, student = models
     assert student.parent_id == teacher.id
-    for model in models:
+    assert curated.absolute(classifier.path).is_file()
+    with curated.session() as session:
+        run = session.scalar(select(ProposalRun).order_by(ProposalRun.id.desc()))
+    assert run.model_version_id == classifier.id and run.image_count == 9
+    assert final.results["proposals"]["proposal_run_id"] == run.id
+    for model in (teacher, student):
         assert curated.absolute(model.path).is_file()
         assert model.classes == ["fire", "smoke"]
         assert model.metrics["eval_images"] == 3
@@ -221,6 +229,25 @@ def test_cancelled_training_resumes_from_its_checkpoint(curated, caplog):
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["epoch"] == 2
     assert _job(curated, job.id).results["teacher"]["epochs"] == 2
+
+
+def test_cancel_interrupts_a_stage_without_cancel_hooks(curated, monkeypatch):
+    """A stage running someone else's loop (propose) is interrupted by the heartbeat."""
+    monkeypatch.setattr(jobs, "HEARTBEAT_S", 0.05)
+    job = jobs.submit_retrain(curated, jobs.RetrainOptions(stages=["proposals"]), start=False)
+    reached = []
+
+    def busy_proposals(ctx):
+        with ctx.interruptible():
+            jobs.cancel_job(curated, job.id)  # as the app's Cancel button would
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # never asks whether to stop
+                time.sleep(0.01)
+            reached.append("end")
+        return {}
+
+    state = jobs.run_job(curated, job.id, stage_functions={"proposals": busy_proposals})
+    assert state == JobState.CANCELLED and reached == []
 
 
 def test_options_are_validated_and_ordered():
