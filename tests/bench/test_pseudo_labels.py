@@ -163,13 +163,17 @@ def test_markdown_table_marks_missing_numbers():
 
 @pytest.mark.shared_data
 def test_real_data_split(shared_data):
-    data = load_bench_data(BenchConfig(data_dir=shared_data))
+    config = BenchConfig(data_dir=shared_data)
+    data = load_bench_data(config)
     summary = data.summary
-    # Every image is used once: training (fire-masks frames thinned 2:1) or held out.
+    # Every image is used once: training (fire-masks frames thinned) or held out.
     assert summary["fire-boxes"]["train"] + summary["fire-boxes"]["held_out"] == 760
     assert summary["fire-tags"]["train"] + summary["fire-tags"]["held_out"] == 454
-    masks_train = summary["fire-masks"]["train"]
-    assert masks_train * 2 - 1 <= 902 - summary["fire-masks"]["held_out"] <= masks_train * 2
+    masks_train_frames = 902 - summary["fire-masks"]["held_out"]
+    stride = config.mask_frame_stride
+    assert summary["fire-masks"]["train"] == math.ceil(masks_train_frames / stride)
+    for name, total in (("fire-boxes", 760), ("fire-masks", 902), ("fire-tags", 454)):
+        assert 0.2 <= summary[name]["held_out"] / total <= 0.3
     train_groups = {(i.source, i.group) for i in data.train}
     assert not train_groups & {(i.source, i.group) for i in data.held_out}
     held_boxes = [i for i in data.held_out if i.source == "fire-boxes"]
