@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,7 @@ class IngestReport:
     masks: int = 0
     problems: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
 
     @property
     def usable(self) -> bool:
@@ -176,7 +178,9 @@ def ingest(
         unusable arguments (WorkspaceError naming the fix).
     """
     options = options or IngestOptions()
-    images_dir = Path(images_dir)
+    # Resolved once, so every path found under it is absolute without a resolve() per file
+    # (a third of a millisecond each on a busy disk: half a minute per 100 000 images).
+    images_dir = Path(images_dir).resolve()
     if not images_dir.is_dir():
         raise WorkspaceError(f"{images_dir} is not a folder of images")
     classes = workspace.classes()
@@ -197,15 +201,21 @@ def ingest(
     problems = _ProblemLog(report, handle)
     try:
         # 1. Scan
+        started = time.perf_counter()
         scanned = _scan(images_dir, workspace, options, report, problems)
+        report.seconds["scan"] = time.perf_counter() - started
 
         # 2. Register
+        started = time.perf_counter()
         by_key = _register(workspace, images_dir, scanned, options, report, problems)
+        report.seconds["register"] = time.perf_counter() - started
 
         # 3. Labels
+        started = time.perf_counter()
         sources = _read_sources(options, classes, classes_file, mask_class, problems)
         if sources:
             _ingest_labels(workspace, by_key, sources, classes, options, report, problems)
+        report.seconds["labels"] = time.perf_counter() - started
         if handle is not None:
             handle.write(report.summary() + "\n")
     finally:
@@ -283,6 +293,14 @@ def _image_files(root: Path, *, skip: Path) -> list[Path]:
 # 2. Register
 
 
+def _stored_path(workspace: Workspace, path: Path) -> str:
+    """Workspace.relative for a path that is already absolute and resolved."""
+    try:
+        return path.relative_to(workspace.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _register(
     workspace: Workspace,
     images_dir: Path,
@@ -324,7 +342,7 @@ def _register(
             }
             new_rows = []
             for item in batch:
-                path = workspace.relative(item.path)
+                path = _stored_path(workspace, item.path)
                 row = existing.get(item.content_hash)
                 if row is None:
                     new_rows.append(
@@ -417,7 +435,7 @@ def _read_sources(
         problems.extend(found)
         sources.append(_Source("voc", labels))
     if options.masks_dir is not None:
-        labels, found = read_masks_dir(options.masks_dir, mask_class)
+        labels, found = read_masks_dir(Path(options.masks_dir).resolve(), mask_class)
         problems.extend(found)
         sources.append(_Source("masks", labels))
     return sources
@@ -580,7 +598,7 @@ def _write_labels(
                         {
                             "image_id": image_id,
                             "class_id": ids[cls],
-                            "path": workspace.relative(path),
+                            "path": _stored_path(workspace, Path(path)),
                             "origin": mask_origin,
                             "created_at": now,
                         }
