@@ -202,7 +202,7 @@ def ingest(
     try:
         # 1. Scan
         started = time.perf_counter()
-        scanned = _scan(images_dir, workspace, options, report, problems)
+        scanned, bad_keys = _scan(images_dir, workspace, options, report, problems)
         report.seconds["scan"] = time.perf_counter() - started
 
         # 2. Register
@@ -214,7 +214,7 @@ def ingest(
         started = time.perf_counter()
         sources = _read_sources(options, classes, classes_file, mask_class, problems)
         if sources:
-            _ingest_labels(workspace, by_key, sources, classes, options, report, problems)
+            _ingest_labels(workspace, by_key, bad_keys, sources, classes, options, report, problems)
         report.seconds["labels"] = time.perf_counter() - started
         if handle is not None:
             handle.write(report.summary() + "\n")
@@ -249,7 +249,8 @@ def _scan(
     options: IngestOptions,
     report: IngestReport,
     problems: _ProblemLog,
-) -> list[_Scanned]:
+) -> tuple[list[_Scanned], list[str]]:
+    """The good image files, and the keys of the bad ones (each reported here)."""
     paths = _image_files(images_dir, skip=workspace.root)
     report.found = len(paths)
 
@@ -263,7 +264,7 @@ def _scan(
             return ImageError(path, f"cannot read ({err.strerror or err})")
         return _Scanned(path, key_of(path, images_dir), header.width, header.height, digest)
 
-    scanned = []
+    scanned, bad_keys = [], []
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
         results = pool.map(scan_one, paths)
         for result in tqdm(
@@ -272,9 +273,10 @@ def _scan(
             if isinstance(result, ImageError):
                 report.skipped += 1
                 problems.add(f"{result.path}: {result.reason}; skipped")
+                bad_keys.append(key_of(result.path, images_dir))
             else:
                 scanned.append(result)
-    return scanned
+    return scanned, bad_keys
 
 
 def _image_files(root: Path, *, skip: Path) -> list[Path]:
@@ -444,13 +446,14 @@ def _read_sources(
 def _ingest_labels(
     workspace: Workspace,
     by_key: dict[str, _Registered],
+    bad_keys: list[str],
     sources: list[_Source],
     classes: list[str],
     options: IngestOptions,
     report: IngestReport,
     problems: _ProblemLog,
 ) -> None:
-    index = ImageKeyIndex(by_key)
+    index, bad_index = ImageKeyIndex(by_key), ImageKeyIndex(bad_keys)
     box_origin = BoxOrigin.REFERENCE if options.tags_only else BoxOrigin.GIVEN
     mask_origin = MaskOrigin.REFERENCE if options.tags_only else MaskOrigin.GIVEN
 
@@ -467,6 +470,8 @@ def _ingest_labels(
             key, reason = index.match(item.key)
             where = item.source if isinstance(item, ImageLabels) else item.path
             if key is None:
+                if bad_index.match(item.key)[0] is not None:
+                    reason = "its image was skipped as unusable (see that file's line)"
                 problems.add(f"{where}: {reason}; label skipped")
                 continue
             image = by_key[key]

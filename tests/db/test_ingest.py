@@ -244,6 +244,7 @@ def broken_corpus(tmp_path, make_image):
     )
     (labels / "rotated.txt").write_text("1 0.5 0.25 1.0 0.5\n")  # shown 30x40: (0, 0, 30, 20)
     (labels / "ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # its image does not exist
+    (labels / "truncated.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # its image is unusable
     (labels / "a").mkdir()
     (labels / "a" / "same.txt").write_text("0 0.5 0.5 0.2 0.2\n")
     (labels / "b").mkdir()
@@ -295,6 +296,7 @@ def test_broken_corpus_gives_one_line_per_bad_file(workspace, broken_corpus):
         (f"{labels / 'grey.txt'}:", "outside the 40x30 image; dropped"),
         (f"{labels / 'grey.txt'}:", "zero or negative area; dropped"),
         (f"{labels / 'ghost.txt'}:", "no image with this name"),
+        (f"{labels / 'truncated.txt'}:", "its image was skipped as unusable"),
         (f"{labels / 'same.txt'}:", "ambiguous: 2 images"),
     ]
     for prefix, reason in expected:
