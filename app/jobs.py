@@ -49,6 +49,10 @@ STAGE_WEIGHTS["evaluation"] = 0.5
 # Stages that read the frozen curated set.
 DATASET_STAGES = ("teacher", "student", "evaluation")
 DISTILL_MODES = ("cwd", "kd", "none")
+# Detector variants offered for each role (core.detectors.VARIANTS; named here so the app can
+# show them without importing torch). Every pair has the same pyramid strides.
+TEACHER_VARIANTS = ("server", "tiny-teacher")
+STUDENT_VARIANTS = ("edge", "tiny-student")
 
 HEARTBEAT_S = 5.0  # well under db.jobs.STALE_AFTER_S
 PROGRESS_EVERY_S = 1.0  # at most one progress write a second; SQLite has one writer
