@@ -264,12 +264,12 @@ def build_rsepm(
         arch: one of ARCHS.
         num_classes: C, the number of foreground classes (1 in binary mode).
         weights: backbone weights, see core.weights.load_pretrained (None = random, with a warning).
-        seg_channels: width of ASPP and decoder; default 128 for the small backbones (CPU), 256
+        seg_channels: width of ASPP and decoder; default 64 for the small backbones (CPU), 256
             for resnet50.
         from_checkpoint: skip backbone weights (a checkpoint's state dict is loaded next).
     """
     if seg_channels is None:
-        seg_channels = 256 if arch == "resnet50" else 128
+        seg_channels = 256 if arch == "resnet50" else 64
     backbone = build_backbone(arch, weights, from_checkpoint=from_checkpoint)
     return RSEPMNet(backbone, num_classes, seg_channels)
 
@@ -288,7 +288,9 @@ def load_rsepm(
     for key in ("model", "arch", "classes"):
         if key not in checkpoint:
             raise ValueError(f"not an RS+EPM checkpoint: the {key!r} entry is missing")
-    seg_channels = checkpoint.get("config", {}).get("seg_channels")
+    # The head's width is read off the weights, so a change of the default cannot break
+    # loading an older checkpoint.
+    seg_channels = checkpoint["model"]["aspp.project.0.weight"].shape[0]
     model = build_rsepm(
         checkpoint["arch"],
         len(checkpoint["classes"]),

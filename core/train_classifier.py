@@ -67,7 +67,7 @@ class ClassifierConfig:
 
     arch: str = "resnet10"
     weights: str | None = None  # None random (warns), "torchvision", or a .pth path
-    seg_channels: int | None = None  # None: 128 for small backbones, 256 for resnet50
+    seg_channels: int | None = None  # None: 64 for small backbones, 256 for resnet50
     image_size: int = 224
     epochs: int = 22
     batch_size: int = 16
