@@ -208,6 +208,59 @@ def _run_cocoeval(
     return evaluator.eval, evaluator.params.iouThrs, has_gt
 
 
+def _ap_from_eval(
+    coco_eval: dict[str, np.ndarray] | None,
+    iou_thresholds: np.ndarray,
+    has_gt: np.ndarray,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    per_class = {}
+    at_50 = int(np.argmin(np.abs(iou_thresholds - 0.5)))
+    for k, name in enumerate(class_names):
+        if not has_gt[k]:
+            per_class[name] = {"AP": math.nan, "AP50": math.nan}
+        elif coco_eval is None:
+            per_class[name] = {"AP": 0.0, "AP50": 0.0}
+        else:
+            # area range "all" (index 0), the largest max-dets setting (100, index -1)
+            precision = coco_eval["precision"][:, :, k, 0, -1]
+            per_class[name] = {
+                "AP": float(precision.mean()),
+                "AP50": float(precision[at_50].mean()),
+            }
+    valid = [per_class[name] for k, name in enumerate(class_names) if has_gt[k]]
+    return {
+        "AP": float(np.mean([v["AP"] for v in valid])) if valid else math.nan,
+        "AP50": float(np.mean([v["AP50"] for v in valid])) if valid else math.nan,
+        "per_class": per_class,
+    }
+
+
+def _curves_from_eval(
+    coco_eval: dict[str, np.ndarray] | None,
+    iou_thresholds: np.ndarray,
+    has_gt: np.ndarray,
+    class_names: Sequence[str],
+    iou_threshold: float,
+) -> dict[str, dict[str, np.ndarray]]:
+    at = int(np.argmin(np.abs(iou_thresholds - iou_threshold)))
+    if abs(iou_thresholds[at] - iou_threshold) > 1e-6:
+        raise ValueError(f"iou_threshold must be one of COCO's {iou_thresholds.round(2)}")
+    recall = np.linspace(0.0, 1.0, 101)
+    curves = {}
+    for k, name in enumerate(class_names):
+        if not has_gt[k]:
+            continue
+        if coco_eval is None:
+            precision = np.zeros(101)
+            score = np.zeros(101)
+        else:
+            precision = np.clip(coco_eval["precision"][at, :, k, 0, -1], 0.0, None)
+            score = np.clip(coco_eval["scores"][at, :, k, 0, -1], 0.0, None)
+        curves[name] = {"recall": recall, "precision": precision, "score": score}
+    return curves
+
+
 def coco_box_ap(
     gt: Sequence[GroundTruthImage],
     predictions: Sequence[PredictionImage],
@@ -226,27 +279,7 @@ def coco_box_ap(
         the overall means (COCO's convention). With no prediction at all, classes with ground
         truth score 0.
     """
-    coco_eval, iou_thresholds, has_gt = _run_cocoeval(gt, predictions, class_names)
-    per_class = {}
-    for k, name in enumerate(class_names):
-        if not has_gt[k]:
-            per_class[name] = {"AP": math.nan, "AP50": math.nan}
-        elif coco_eval is None:
-            per_class[name] = {"AP": 0.0, "AP50": 0.0}
-        else:
-            # area range "all" (index 0), the largest max-dets setting (100, index -1)
-            precision = coco_eval["precision"][:, :, k, 0, -1]
-            at_50 = int(np.argmin(np.abs(iou_thresholds - 0.5)))
-            per_class[name] = {
-                "AP": float(precision.mean()),
-                "AP50": float(precision[at_50].mean()),
-            }
-    valid = [per_class[name] for k, name in enumerate(class_names) if has_gt[k]]
-    return {
-        "AP": float(np.mean([v["AP"] for v in valid])) if valid else math.nan,
-        "AP50": float(np.mean([v["AP50"] for v in valid])) if valid else math.nan,
-        "per_class": per_class,
-    }
+    return _ap_from_eval(*_run_cocoeval(gt, predictions, class_names), class_names)
 
 
 def pr_curve(
@@ -264,23 +297,24 @@ def pr_curve(
         that recall (for choosing an operating point). Where a recall is never reached,
         precision and score are 0. Classes with no ground truth are left out.
     """
-    coco_eval, iou_thresholds, has_gt = _run_cocoeval(gt, predictions, class_names)
-    at = int(np.argmin(np.abs(iou_thresholds - iou_threshold)))
-    if abs(iou_thresholds[at] - iou_threshold) > 1e-6:
-        raise ValueError(f"iou_threshold must be one of COCO's {iou_thresholds.round(2)}")
-    recall = np.linspace(0.0, 1.0, 101)
-    curves = {}
-    for k, name in enumerate(class_names):
-        if not has_gt[k]:
-            continue
-        if coco_eval is None:
-            precision = np.zeros(101)
-            score = np.zeros(101)
-        else:
-            precision = np.clip(coco_eval["precision"][at, :, k, 0, -1], 0.0, None)
-            score = np.clip(coco_eval["scores"][at, :, k, 0, -1], 0.0, None)
-        curves[name] = {"recall": recall, "precision": precision, "score": score}
-    return curves
+    return _curves_from_eval(
+        *_run_cocoeval(gt, predictions, class_names), class_names, iou_threshold
+    )
+
+
+def coco_box_report(
+    gt: Sequence[GroundTruthImage],
+    predictions: Sequence[PredictionImage],
+    class_names: Sequence[str],
+    *,
+    iou_threshold: float = 0.5,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """`coco_box_ap` and `pr_curve` from one COCOeval pass (it is the slow part)."""
+    evaluated = _run_cocoeval(gt, predictions, class_names)
+    return (
+        _ap_from_eval(*evaluated, class_names),
+        _curves_from_eval(*evaluated, class_names, iou_threshold),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

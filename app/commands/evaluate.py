@@ -4,7 +4,8 @@ Against the reference labels (`ingest --tags-only`; see db/evaluation.py for wha
 truth):
 - masks: per-class IoU and mIoU (background included, PASCAL VOC style: pixels pooled over
   every image that has a reference mask);
-- boxes: COCO AP and AP50 per class (pycocotools). A class is scored on the images where it
+- boxes: COCO AP and AP50 per class (pycocotools), and the precision-recall curve at IoU 0.5
+  in the JSON (for charts). A class is scored on the images where it
   is known: present with reference boxes of it, or absent. An image known to have fire only
   from a tag has no fire box to match, so it is left out of fire's AP instead of turning every
   correct fire box into a false positive;
@@ -25,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from core.metrics import IoUAccumulator, coco_box_ap, false_alarm_rate
+from core.metrics import IoUAccumulator, coco_box_report, false_alarm_rate
 from db.evaluation import (
     EvaluationImage,
     class_names,
@@ -222,12 +223,17 @@ def _score_boxes(images: list[EvaluationImage], names: list[str]) -> dict[str, A
                     }
                 )
         gt_boxes = sum(len(g["boxes"]) for g in gt)
-        scores = coco_box_ap(gt, predictions, [name])["per_class"][name] if gt else {}
+        scores, curve = {}, {}
+        if gt:
+            ap, curves = coco_box_report(gt, predictions, [name])
+            scores, curve = ap["per_class"][name], curves.get(name, {})
         per_class[name] = {
             "AP": scores.get("AP", math.nan),
             "AP50": scores.get("AP50", math.nan),
             "images": len(gt),
             "gt_boxes": gt_boxes,
+            # precision and the score reaching each recall 0, 0.01, ..., 1, at IoU 0.5
+            "pr_curve": {k: [round(float(v), 6) for v in curve[k]] for k in curve},
         }
     valid = [v for v in per_class.values() if v["gt_boxes"] > 0]
     return {

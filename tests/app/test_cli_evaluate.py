@@ -150,6 +150,10 @@ def test_evaluate_scores_hand_made_run(workspace, tmp_path, capsys, pseudo_mask_
     smoke = report["boxes"]["per_class"]["smoke"]
     assert smoke["images"] == 2 and smoke["AP50"] == pytest.approx(1.0)
     assert report["boxes"]["AP50"] == pytest.approx(0.75)
+    curve = fire["pr_curve"]
+    assert len(curve["recall"]) == len(curve["precision"]) == len(curve["score"]) == 101
+    assert curve["precision"][-1] == pytest.approx(0.5) and curve["score"][-1] == 0.9
+    assert smoke["pr_curve"]["precision"] == [1.0] * 101
 
     # False alarms: fire-free b and c, b got a fire box; smoke-free b got none; b is the only
     # image known to hold no class, and it got a box.

@@ -8,6 +8,7 @@ from core.metrics import (
     IoUAccumulator,
     classes_with_boxes,
     coco_box_ap,
+    coco_box_report,
     false_alarm_rate,
     mask_iou,
     pr_curve,
@@ -309,6 +310,17 @@ def test_ap50_matches_slow_reference(seed):
         torch.testing.assert_close(
             torch.tensor(curve_75["precision"]), torch.tensor(want_75), atol=1e-9, rtol=1e-6
         )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_report_equals_separate_calls(seed):
+    gt, predictions = _random_case(np.random.default_rng(seed), n_images=10, n_classes=2)
+    ap, curves = coco_box_report(gt, predictions, ["fire", "smoke"], iou_threshold=0.75)
+    assert ap == coco_box_ap(gt, predictions, ["fire", "smoke"])
+    separate = pr_curve(gt, predictions, ["fire", "smoke"], iou_threshold=0.75)
+    assert curves.keys() == separate.keys()
+    for name in curves:
+        np.testing.assert_array_equal(curves[name]["precision"], separate[name]["precision"])
 
 
 def test_pr_curve_scores_fall_as_recall_grows():
