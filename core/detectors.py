@@ -215,17 +215,19 @@ def _assemble(
         out_channels=spec.fpn_channels,
         extra_blocks=LastLevelP6P7(spec.fpn_channels, spec.fpn_channels),
     )
-    head = FCOSHead(spec.fpn_channels, 1, num_classes, num_convs=spec.head_convs)
-    if spec.fpn_channels < 64:
-        # torchvision's GroupNorm(32) leaves one value per group on a 1x1 P7 map (images up to
-        # 128 px) and refuses it; two channels per group keep narrow heads usable there.
-        head_norm = partial(nn.GroupNorm, spec.fpn_channels // 2)
-        head.classification_head = FCOSClassificationHead(
-            spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=head_norm
-        )
-        head.regression_head = FCOSRegressionHead(
-            spec.fpn_channels, 1, spec.head_convs, norm_layer=head_norm
-        )
+    head = FCOSHead(spec.fpn_channels, 1, num_classes, num_convs=0)
+    # torchvision's GroupNorm(32) needs channels divisible by 32, and refuses a 1x1 P7 map
+    # (images up to 128 px) when that leaves one channel per group; narrow heads use 2.
+    groups = (
+        32 if spec.fpn_channels >= 64 and spec.fpn_channels % 32 == 0 else spec.fpn_channels // 2
+    )
+    norm = partial(nn.GroupNorm, groups)
+    head.classification_head = FCOSClassificationHead(
+        spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=norm
+    )
+    head.regression_head = FCOSRegressionHead(
+        spec.fpn_channels, 1, spec.head_convs, norm_layer=norm
+    )
     model = FCOS(
         backbone,
         num_classes,
