@@ -330,7 +330,7 @@ def parse_yolo_text(text: str, source: str) -> tuple[list[YoloBox], list[Problem
 
 def read_yolo_dir(
     labels_dir: str | Path, class_names: Sequence[str]
-) -> tuple[list[_YoloFile], list[Problem]]:
+) -> tuple[list[YoloFile], list[Problem]]:
     """Read every `*.txt` under labels_dir (recursive), except a classes.txt at its top.
 
     Boxes stay normalised here: pixels need the image's displayed size, which ingest reads
@@ -349,13 +349,15 @@ def read_yolo_dir(
         boxes, file_problems = parse_yolo_text(text, str(path))
         problems += file_problems
         files.append(
-            _YoloFile(key_of(path, labels_dir), str(path), boxes, malformed=bool(file_problems))
+            YoloFile(key_of(path, labels_dir), str(path), boxes, malformed=bool(file_problems))
         )
     return files, problems
 
 
 @dataclass
-class _YoloFile:
+class YoloFile:
+    """One YOLO label file, boxes still normalised; malformed: some line was unreadable."""
+
     key: str
     path: str
     boxes: list[YoloBox]
@@ -363,7 +365,7 @@ class _YoloFile:
 
 
 def yolo_labels(
-    yolo_file: _YoloFile,
+    yolo_file: YoloFile,
     width: int,
     height: int,
     file_classes: Sequence[str],

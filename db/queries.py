@@ -8,7 +8,7 @@ from typing import TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Box, BoxOrigin, BoxStatus, Image, LabelClass, Mask, Tag
+from db.models import Box, Image, LabelClass, Mask, Tag
 
 T = TypeVar("T")
 
@@ -115,12 +115,6 @@ def image_tag_sets(
     for (image_id, name), (_, present) in best.items():
         result.setdefault(image_id, {})[name] = present
     return result
-
-
-# Boxes whose status says a person (or the data) stands behind them; export and training read
-# these. EDITED boxes were replaced by a corrected box and are history only.
-TRUSTED_BOX_ORIGINS = (BoxOrigin.GIVEN, BoxOrigin.HUMAN)
-LIVE_BOX_STATUSES = (BoxStatus.PENDING, BoxStatus.ACCEPTED)
 
 
 def box_counts(session: Session, *, split: str | None = None) -> dict[tuple[str, str], int]:
