@@ -20,7 +20,7 @@ Boxes are (x1, y1, x2, y2) in pixels of the original image, 0 <= x1 < x2 <= widt
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -364,6 +364,35 @@ def false_positive_reasons(
     if active_only:
         query = query.where(FalsePositiveReason.active.is_(True))
     return list(session.scalars(query))
+
+
+def save_false_positive_reasons(
+    session: Session, *, reasons: Sequence[tuple[str, str, bool]]
+) -> None:
+    """Make the workspace's reasons exactly `reasons`: (key, label, active), in this order.
+
+    A reason left out is deleted, unless rejected boxes use it: then it is only deactivated,
+    so their reason keeps its label on the overview page.
+    """
+    keys = [key for key, _, _ in reasons]
+    for key, label, _ in reasons:
+        if not key or len(key) > 32 or not label:
+            raise ReviewError(f"reason {key!r}: a key of 1-32 characters and a label are needed")
+    if len(set(keys)) != len(keys):
+        raise ReviewError("each reason key may appear once")
+    existing = {r.key: r for r in false_positive_reasons(session, active_only=False)}
+    for ordinal, (key, label, active) in enumerate(reasons):
+        row = existing.pop(key, None) or FalsePositiveReason(key=key)
+        row.label, row.ordinal, row.active = label, ordinal, bool(active)
+        session.add(row)
+    for key, row in existing.items():
+        used = session.scalar(select(Box.id).where(Box.false_positive_reason == key).limit(1))
+        if used is None:
+            session.delete(row)
+        else:
+            row.active = False
+            row.ordinal = len(reasons) + row.ordinal
+    session.flush()
 
 
 # ---------------------------------------------------------------------------------------------
