@@ -221,12 +221,14 @@ def _assemble(
     groups = (
         32 if spec.fpn_channels >= 64 and spec.fpn_channels % 32 == 0 else spec.fpn_channels // 2
     )
-    norm = partial(nn.GroupNorm, groups)
+    # Not `norm`: that is the backbone's, a string saved in checkpoints (load_detector reads them
+    # with weights_only=True, which refuses a pickled partial).
+    head_norm = partial(nn.GroupNorm, groups)
     head.classification_head = FCOSClassificationHead(
-        spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=norm
+        spec.fpn_channels, 1, num_classes, spec.head_convs, norm_layer=head_norm
     )
     head.regression_head = FCOSRegressionHead(
-        spec.fpn_channels, 1, spec.head_convs, norm_layer=norm
+        spec.fpn_channels, 1, spec.head_convs, norm_layer=head_norm
     )
     model = FCOS(
         backbone,
