@@ -390,15 +390,16 @@ def submit_retrain(
     start: bool = True,
 ) -> Job:
     """Create a retrain job and start its worker; the button and `pyrolabel retrain` both
-    call this.
+    call this. With start=False the job waits for `pyrolabel worker ID` (or run_job).
 
     Raises:
         db.jobs.JobAlreadyRunning: another job is queued or running.
     """
+    values = options.to_dict()
+    if not start:
+        values[job_rows.EXTERNAL_WORKER_KEY] = True
     with workspace.transaction() as session:
-        job = job_rows.create_job(
-            session, kind=JOB_KIND, options=options.to_dict(), created_by=created_by
-        )
+        job = job_rows.create_job(session, kind=JOB_KIND, options=values, created_by=created_by)
         session.flush()
         job.log_path = workspace.relative(job_log_path(workspace, job.id))
     if start:

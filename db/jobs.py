@@ -33,6 +33,8 @@ STALE_AFTER_S = 120.0
 QUEUED_TIMEOUT_S = 300.0
 
 FINISHED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+# Job.options key set when no worker is started for the job (`pyrolabel retrain --no-worker`).
+EXTERNAL_WORKER_KEY = "external_worker"
 
 
 class JobAlreadyRunning(RuntimeError):
@@ -110,11 +112,17 @@ def reap_dead_jobs(
     for job in session.scalars(select(Job).where(Job.active_slot.is_not(None))):
         reason = None
         last_sign = job.heartbeat_at or job.started_at
+        # A job queued for `pyrolabel worker` elsewhere (a batch scheduler) may wait for hours.
+        external = (job.options or {}).get(EXTERNAL_WORKER_KEY, False)
         if job.pid is not None and job.host == host and not is_alive(job.pid):
             reason = f"worker (pid {job.pid}) exited without finishing"
         elif last_sign is not None and now - last_sign > timedelta(seconds=stale_after_s):
             reason = f"no heartbeat from the worker since {last_sign:%Y-%m-%d %H:%M:%S} UTC"
-        elif last_sign is None and now - job.created_at > timedelta(seconds=queued_timeout_s):
+        elif (
+            last_sign is None
+            and not external
+            and now - job.created_at > timedelta(seconds=queued_timeout_s)
+        ):
             reason = "the worker never started"
         if reason is None:
             continue

@@ -85,6 +85,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     follow.add_argument(
         "--detach", dest="wait", action="store_false", help="start the job and return at once"
     )
+    follow.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="only queue the job, for `pyrolabel worker JOB_ID` to run (e.g. under a batch "
+        "scheduler on the GPU machine)",
+    )
     actions = how.add_mutually_exclusive_group()
     actions.add_argument("--resume", type=int, metavar="JOB_ID", help="continue a stopped job")
     actions.add_argument("--cancel", type=int, metavar="JOB_ID", help="stop a running job")
@@ -139,8 +145,13 @@ def run(args: argparse.Namespace, workspace: Workspace) -> int:
             job = jobs.resume_retrain(workspace, args.resume)
             job_id = job.id
         else:
-            job = jobs.submit_retrain(workspace, _options(args), created_by="cli")
+            job = jobs.submit_retrain(
+                workspace, _options(args), created_by="cli", start=not args.no_worker
+            )
             job_id = job.id
+            if args.no_worker:
+                print(f"job {job_id} queued; run it with `pyrolabel worker {job_id}`")
+                return 0
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """`pyrolabel worker JOB_ID`: run a queued job in the foreground (what the detached worker
 process does), logging to the terminal and to runs/job-<id>.log.
 
-`pyrolabel retrain --detach` and the app start workers themselves; this command is for running
-a job under a debugger, a scheduler (e.g. a batch system that owns the GPU), or `torchrun`.
+`pyrolabel retrain` and the app start a worker themselves. This command runs a job queued with
+`pyrolabel retrain --no-worker`: under a debugger, or from a batch scheduler on the machine with
+the GPU (the workspace must be reachable there, or --db-url point at a shared PostgreSQL).
 """
 
 from __future__ import annotations

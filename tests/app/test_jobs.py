@@ -261,6 +261,14 @@ def test_options_are_validated_and_ordered():
         jobs.RetrainOptions(distill="fitnet")
 
 
+def test_offered_detector_pairs_exist_and_match():
+    from core.detectors import TEACHER_FOR, VARIANTS
+
+    for teacher, student in zip(jobs.TEACHER_VARIANTS, jobs.STUDENT_VARIANTS, strict=True):
+        assert teacher in VARIANTS and student in VARIANTS
+        assert TEACHER_FOR[student] == teacher
+
+
 def test_fake_stages_match_the_real_stage_names():
     assert set(FAKE_STAGES) <= set(jobs.STAGES)
     assert set(STAGE_FUNCTIONS) <= set(jobs.STAGES)

@@ -103,12 +103,13 @@ def test_bad_options_name_the_fix(cli, argv, message):
 
 
 def test_worker_command_runs_a_queued_job_in_the_foreground(cli, workspace, fake_stages):
-    job = jobs.submit_retrain(workspace, jobs.RetrainOptions(), start=False)
-    code, out = cli("worker", str(job.id))
-    assert code == 0 and out[-1].startswith(f"job {job.id} succeeded")
-    assert "stage teacher" in (workspace.root / "runs" / f"job-{job.id}.log").read_text()
-    code, _ = cli("worker", str(job.id))
-    assert code == 2  # not queued any more
+    code, out = cli("retrain", "--no-worker")
+    assert code == 0 and out[-1] == "job 1 queued; run it with `pyrolabel worker 1`"
+    code, out = cli("worker", "1")
+    assert code == 0 and out[-1].startswith("job 1 succeeded")
+    assert "stage teacher" in (workspace.root / "runs" / "job-1.log").read_text()
+    code, _ = cli("worker", "1")
+    assert code == 2 and "not queued" in cli.stderr
 
 
 def _register_tiny_student(workspace) -> int:

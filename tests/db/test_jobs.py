@@ -140,6 +140,14 @@ def test_live_workers_are_not_reaped(workspace):
             jobs.create_job(session, kind="retrain", options={})
 
 
+def test_a_job_waiting_for_an_external_worker_is_not_reaped(workspace):
+    with workspace.transaction() as session:
+        job = jobs.create_job(session, kind="retrain", options={jobs.EXTERNAL_WORKER_KEY: True})
+        job.created_at = utcnow() - timedelta(seconds=jobs.QUEUED_TIMEOUT_S * 10)
+    with workspace.transaction() as session:
+        assert jobs.reap_dead_jobs(session) == []
+
+
 def test_pid_alive_sees_this_process_and_not_a_missing_one():
     import os
 
