@@ -397,7 +397,8 @@ class MethodRunner:
 
     def __call__(self, batch: Batch) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Returns (probs (N, C), {method: maps (N, C, S, S) float32 in [0, 1]})."""
-        result = infer_masks(self.net, batch.images, self.inference)
+        with torch.no_grad():
+            result = infer_masks(self.net, batch.images, self.inference)
         probs = result.probs.cpu().numpy()
         kept = (probs >= self.inference.class_threshold).astype(np.float32)
         gate = (probs * kept)[:, :, None, None]
