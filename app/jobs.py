@@ -311,6 +311,7 @@ def run_job(
             if stage in results:
                 log.info("job %d: %s already done, skipped", job_id, stage)
                 continue
+            reporter.check_cancel()
             if stage not in stage_functions:
                 raise RuntimeError(f"no function for stage {stage!r}")
             reporter.start_stage(stage)
