@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import ACTIVE_JOB_STATES, Job, JobState, utcnow
+from db.models import Job, JobState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,6 @@ def heartbeat(session: Session, *, job_id: int) -> bool:
     return job.cancel_requested
 
 
-def cancel_requested(session: Session, *, job_id: int) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
 def request_cancel(session: Session, *, job_id: int) -> Job:
     """Ask the worker to stop at its next step. A queued job without a worker is cancelled
     at once; a finished job is left alone."""
@@ -320,7 +316,3 @@ def _finish(job: Job, state: JobState, *, error: str | None, now: datetime) -> N
     job.error = error
     job.finished_at = now
     job.eta_s = None
-
-
-def is_active(state: str) -> bool:
-    return state in ACTIVE_JOB_STATES
