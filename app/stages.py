@@ -117,6 +117,12 @@ def _train_detector_stage(
             "the curated set has no box to train on: accept or draw boxes in the review app "
             "(or ingest boxes) in a training split first"
         )
+    missing = [path for path, _, _ in samples if not Path(path).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} image(s) of the curated set are missing, e.g. {missing[0]}; "
+            "ingest the moved folder again (images are recognised by content)"
+        )
     log.info(
         "%s: %d images (%d with boxes, %d negatives)",
         kind,
@@ -155,7 +161,6 @@ def _train_detector_stage(
     )
     if result.cancelled:
         raise JobCancelled(f"{kind} cancelled at epoch {result.epochs_done + 1}")
-    ctx.check_cancel()
     return {
         "checkpoint": ctx.workspace.relative(checkpoint),
         "config": asdict(config),
