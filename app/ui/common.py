@@ -75,7 +75,7 @@ def reviewer_ui() -> str:
     name = (st.query_params.get(REVIEWER_KEY) or "").strip()
     if not name:
         st.title("pyrolabel")
-        with st.form("reviewer"):
+        with st.form("reviewer_form"):
             typed = st.text_input("Your name", help="Recorded with every decision you make.")
             submitted = st.form_submit_button("Start reviewing", type="primary")
         if not (submitted and typed.strip()):

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import streamlit as st
-import streamlit.components.v1 as components
 from sqlalchemy import select
 
 from app.ui import common
@@ -923,7 +922,7 @@ def help_dialog() -> None:
     )
 
 
-# Two gaps in Streamlit's own shortcuts, closed by a script in a zero-height component
+# Two gaps in Streamlit's own shortcuts, closed by a script in a one-pixel
 # iframe that listens on the page around it (same origin):
 # - "?" is Shift+/ and shortcuts take no punctuation: it clicks the Help button;
 # - a click on the image (point and draw modes) lands in the click component's iframe, which
@@ -1057,7 +1056,7 @@ def review_page() -> None:
         remaining = _queue_size(ws.db_url, reviewer, filters)
         st.caption(f"{remaining} images in this queue (refreshed every 30 s)")
 
-    components.html(_KEYBOARD_JS, height=0)
+    st.iframe(_KEYBOARD_JS, height=1, width=1)
     _show_flash()
     navigation_ui(ws, reviewer, view)
     if view is None:
