@@ -71,7 +71,6 @@ def _scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(16, round(height * scale / 16) * 16), max(16, round(width * scale / 16) * 16)
 
 
-@torch.no_grad()
 def _map_grid(height: int, width: int) -> tuple[int, int]:
     """Where views are combined: stride 4 of the input, the segmentation head's own resolution.
     Mixing there and upsampling the result once costs 16 times less than mixing every view at
@@ -85,6 +84,7 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+@torch.no_grad()
 def _forward_views(
     model: RSEPMNet, images: torch.Tensor, scales: Sequence[float], flip: bool, with_seg: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -124,6 +124,7 @@ def gate_cams(cams: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return normalize_max(cams) * probs[:, :, None, None]
 
 
+@torch.no_grad()
 def compute_cams(
     model: RSEPMNet, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False
 ) -> CamResult:
@@ -142,6 +143,7 @@ def compute_cams(
     return CamResult(probs=mean_probs, cams=_upsample(gated, tuple(images.shape[2:])))
 
 
+@torch.no_grad()
 def infer_masks(
     model: RSEPMNet,
     images: torch.Tensor,

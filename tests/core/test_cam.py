@@ -60,6 +60,7 @@ def test_single_view_cams_equal_one_forward(tiny_model, seed):
     torch.testing.assert_close(result.probs, probs)
     torch.testing.assert_close(result.cams, expected)
     assert result.cams.min() >= 0 and result.cams.max() <= 1
+    assert not result.cams.requires_grad  # inference builds no graph
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -83,6 +84,7 @@ def test_masks_follow_the_released_rule(tiny_model):
     assert kept.fg_probs.shape == (2, 2, 32, 32) and kept.labels.shape == (2, 32, 32)
     assert none.fg_probs.abs().max() == 0 and none.labels.eq(0).all()
     assert kept.fg_probs.min() >= 0 and kept.fg_probs.max() <= 1
+    assert not kept.fg_probs.requires_grad and not kept.cams.requires_grad
     # f = s / (s + (1 - s)^2) is increasing in the normalised score s, and the label is the
     # argmax over [(1 - max s)^2, s_1, ..., s_C]; so both can be checked through f alone.
     best_fg = kept.fg_probs.max(dim=1).values
