@@ -20,7 +20,8 @@ last epoch (no checkpoint selection on the held-out clips) with COCO AP and AP50
 (pycocotools, core.metrics) at the original 608 px. Gap closed = (CWD - student) /
 (teacher - student), from the means, and per seed.
 
-Runs go two at a time in separate processes with one thread each (two cores); teachers first.
+Runs go two at a time in separate processes with one thread each (two cores); a seed's
+distilled students start once its teacher is trained.
 """
 
 from __future__ import annotations
@@ -130,18 +131,33 @@ def _one_run(settings: BenchSettings, method: str, seed: int, teacher: str | Non
     }
 
 
-def _run_all(settings: BenchSettings, jobs: list[tuple[str, int, str | None]]) -> list[dict]:
+def _run_all(settings: BenchSettings) -> list[dict]:
+    """Every run, two at a time: teachers and plain students first; a seed's distilled
+    students start as soon as that seed's teacher is written."""
     results = []
     with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_one_run, settings, *job): job for job in jobs}
-        for future in as_completed(futures):
-            record = future.result()
+        pending = {
+            pool.submit(_one_run, settings, method, seed, None)
+            for method in ("teacher", "student")
+            for seed in settings.seeds
+        }
+        while pending:
+            done = next(as_completed(pending))
+            pending.remove(done)
+            record = done.result()
+            results.append(record)
             print(
                 f"  {record['method']:<14} seed {record['seed']}: AP50 {record['AP50']:.3f} "
-                f"AP {record['AP']:.3f} ({record['train_seconds'] / 60:.1f} min)",
+                f"AP {record['AP']:.3f} ({record['train_seconds'] / 60:.1f} min training)",
                 flush=True,
             )
-            results.append(record)
+            if record["method"] == "teacher":
+                for method in ("student + CWD", "student + KD"):
+                    pending.add(
+                        pool.submit(
+                            _one_run, settings, method, record["seed"], record["checkpoint"]
+                        )
+                    )
     return results
 
 
@@ -232,18 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
 
-    print("teachers", flush=True)
-    results = _run_all(settings, [("teacher", seed, None) for seed in settings.seeds])
-    teachers = {r["seed"]: r["checkpoint"] for r in results}
-
-    print("students", flush=True)
-    # Distilled runs first: they take longest, so the pool ends evenly.
-    jobs = [
-        (method, seed, teachers[seed])
-        for method in ("student + CWD", "student + KD", "student")
-        for seed in settings.seeds
-    ]
-    results += _run_all(settings, jobs)
+    results = _run_all(settings)
 
     minutes = (time.monotonic() - started) / 60
     print()

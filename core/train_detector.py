@@ -232,6 +232,13 @@ def train_detector(
                 f"teacher {config.distill.teacher} has {teacher_checkpoint['num_classes']} "
                 f"classes, the student {num_classes}; train both on the same class list"
             )
+        if teacher_checkpoint["image_size"] != image_size:
+            log.warning(
+                "teacher trained at %d px, student at %d px: the teacher sees the student's "
+                "images, at a scale it was not trained on",
+                teacher_checkpoint["image_size"],
+                image_size,
+            )
         teacher.requires_grad_(False)
         distill = DetectorDistillLoss(config.distill, fpn_channels(student), fpn_channels(teacher))
     step_module = _StudentStep(student, distill, teacher).to(device)
