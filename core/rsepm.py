@@ -18,7 +18,6 @@ each starts, what the segmentation head learns from) is built from the paper's t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -305,15 +304,6 @@ def load_rsepm(
 
 # ----------------------------------------------------------------------------------------------
 # Losses.
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the training terms; a zero weight drops the term."""
-
-    cls: float = 1.0
-    seg: float = 1.0
-    cam: float = 0.5
 
 
 def classification_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
