@@ -122,6 +122,37 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def launch(
+    workspace: Workspace,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8501,
+    secrets_file: Path | None = None,
+    **popen_kwargs,
+) -> subprocess.Popen:
+    """Start the app for `workspace` in a child process (tests and benches use this too)."""
+    command = streamlit_command(host, port, secrets_file)
+    return subprocess.Popen(command, env=app_environment(workspace), **popen_kwargs)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    """Return once Streamlit answers its health check at `url`; raise if it exits or stalls."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the review app exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"the review app did not answer at {url} within {timeout_s:.0f} s")
+
+
 def run(args: argparse.Namespace, workspace: Workspace) -> int:
     if not _port_free(args.host, args.port):
         print(
@@ -132,13 +163,12 @@ def run(args: argparse.Namespace, workspace: Workspace) -> int:
     auth = _oidc_settings(workspace, args.port)
     with tempfile.TemporaryDirectory(prefix="pyrolabel-serve-") as private:
         secrets_file = _write_secrets(Path(private), auth) if auth else None
-        command = streamlit_command(args.host, args.port, secrets_file)
         print(
             f"review app for {workspace.root} on http://{args.host}:{args.port} "
             f"({'OIDC sign-in' if auth else 'reviewers give their name'}); Ctrl+C stops it",
             flush=True,
         )
-        process = subprocess.Popen(command, env=app_environment(workspace))
+        process = launch(workspace, host=args.host, port=args.port, secrets_file=secrets_file)
         try:
             code = process.wait()
         except KeyboardInterrupt:

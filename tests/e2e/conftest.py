@@ -6,19 +6,17 @@ needed. A failing test leaves a screenshot and the server log under test-artifac
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from app.commands import serve
 from db.synthetic import SyntheticConfig, build_proposals
 from db.workspace import Workspace
 
@@ -55,28 +53,20 @@ class ReviewServer:
 def start_server(workspace: Workspace, log_path: Path) -> ReviewServer:
     """`pyrolabel serve` on a free port; returns once Streamlit answers its health check."""
     port = free_port()
-    log = open(log_path, "w")  # noqa: SIM115 - closed with the process in stop_server
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")  # noqa: SIM115 - the child process writes it until stopped
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "--workspace", str(workspace.root), "serve"]
         + ["--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"pyrolabel serve exited early:\n{log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return ReviewServer(url, workspace, log_path, process)
-        except OSError:
-            time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"pyrolabel serve did not answer within {SERVER_START_TIMEOUT_S} s")
+    try:
+        serve.wait_until_ready(url, process, SERVER_START_TIMEOUT_S)
+    except RuntimeError as err:
+        process.terminate()
+        raise RuntimeError(f"{err}:\n{log_path.read_text()}") from err
+    return ReviewServer(url, workspace, log_path, process)
 
 
 def stop_server(server: ReviewServer) -> None:

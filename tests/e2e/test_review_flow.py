@@ -28,6 +28,21 @@ def wait_until(condition, timeout_s: float = STEP_TIMEOUT_MS / 1000, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_idle(page) -> None:
+    """Until the app's script run is over: the page holds every button and its shortcut."""
+    page.wait_for_function(
+        "document.querySelector('[data-testid=stApp]')"
+        "?.getAttribute('data-test-script-state') === 'notRunning'",
+        timeout=STEP_TIMEOUT_MS,
+    )
+
+
+def press(page, key: str) -> None:
+    """A keystroke the way a reviewer makes it: once the page has finished drawing."""
+    wait_idle(page)
+    page.keyboard.press(key)
+
+
 def shown_image(page) -> int:
     label = page.locator("strong", has_text=re.compile(r"^Image \d+$")).first
     label.wait_for(timeout=STEP_TIMEOUT_MS)
@@ -74,7 +89,7 @@ def test_review_by_keyboard_point_and_undo(page, review_server):
     assert len(boxes) == 2
 
     # Accept the current box by key.
-    page.keyboard.press("a")
+    press(page, "a")
     accepted = wait_until(
         lambda: (lambda b: b if b.status == "accepted" else None)(box_row(workspace, boxes[0].id)),
         what="the first box accepted",
@@ -83,7 +98,7 @@ def test_review_by_keyboard_point_and_undo(page, review_server):
 
     # Reject the next one with reason 2 (lamp or glare); nothing is pending, so the next
     # image opens by itself.
-    page.keyboard.press("2")
+    press(page, "2")
     rejected = wait_until(
         lambda: (lambda b: b if b.status == "rejected" else None)(box_row(workspace, boxes[1].id)),
         what="the second box rejected",
@@ -92,7 +107,7 @@ def test_review_by_keyboard_point_and_undo(page, review_server):
     second = wait_for_image(page, previous=first)
 
     # Point mode: click the fire blob; a pending box grown from the mask is proposed.
-    page.keyboard.press("p")
+    press(page, "p")
     frame = page.frame_locator("iframe[title*='image_coordinates']")
     picture = frame.locator("img")
     picture.wait_for(timeout=STEP_TIMEOUT_MS)
@@ -126,14 +141,14 @@ def test_review_by_keyboard_point_and_undo(page, review_server):
     )
 
     # Undo by key, straight after the click: the point and its box go.
-    page.keyboard.press("u")
+    press(page, "u")
     wait_until(lambda: proposed() is None, what="the point undone")
     with workspace.session() as session:
         assert session.get(Box, box.id) is None
         assert session.scalars(select(Point).where(Point.image_id == second)).first() is None
 
     # Undo again walks back to the rejection on the first image, and shows that image.
-    page.keyboard.press("u")
+    press(page, "u")
     wait_until(
         lambda: box_row(workspace, boxes[1].id).status == "pending", what="the rejection undone"
     )
@@ -146,7 +161,7 @@ def test_help_overlay_opens_with_question_mark(page, review_server):
     shown_image(page)
     # The listener comes with a small component iframe that mounts after the page.
     page.wait_for_function("window.__pyrolabelKeys !== undefined", timeout=STEP_TIMEOUT_MS)
-    page.keyboard.press("?")
+    press(page, "?")
     dialog = page.get_by_role("dialog")
     dialog.wait_for(timeout=STEP_TIMEOUT_MS)
     assert "Keyboard shortcuts" in dialog.inner_text()
