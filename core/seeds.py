@@ -39,6 +39,7 @@ def self_correlation(
     features: Sequence[torch.Tensor],
     first_threshold: float = FIRST_ORDER_THRESHOLD,
     second_threshold: float = SECOND_ORDER_THRESHOLD,
+    center: bool = True,
 ) -> torch.Tensor:
     """Self-correlation map of feature maps: how alike two positions of one image are.
 
@@ -50,8 +51,16 @@ def self_correlation(
     element-wise maximum over levels. Combining by maximum is our choice; the paper (following
     SCG, Pan et al. 2021) leaves the combination open.
 
+    Centring (our choice, on by default): the image's mean feature vector is subtracted before
+    the cosine. Backbone features come after a ReLU, so raw cosines between any two positions
+    are mostly above 0.5: measured on fire frames with a from-scratch ResNet-10, 85% of all
+    pairs passed the 0.5 threshold and the refined seeds covered 40% of frames whose fire covers
+    1%. Centred, a position is compared by how it differs from the image's average (mostly
+    background), and 39% of pairs pass.
+
     Args:
         features: one or more (N, D, h, w) maps; the first sets the grid.
+        center: subtract each image's mean feature vector first.
 
     Returns:
         (N, h*w, h*w) float in [0, 1], symmetric, positions in row-major order.
@@ -62,6 +71,8 @@ def self_correlation(
         if feature.shape[2:] != size:
             feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
         rows = feature.flatten(2).transpose(1, 2)  # (N, P, D)
+        if center:
+            rows = rows - rows.mean(dim=1, keepdim=True)
         first = _cosine_rows(rows).clamp(min=0)
         first = first * (first >= first_threshold)
         second = _cosine_rows(first).clamp(min=0)

@@ -21,10 +21,15 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum()) / denom
 
 
-def _reference_self_correlation(feature: torch.Tensor, t1: float, t2: float) -> torch.Tensor:
+def _reference_self_correlation(
+    feature: torch.Tensor, t1: float, t2: float, center: bool
+) -> torch.Tensor:
     """Double loops over positions of one image's (D, h, w) map."""
     d, h, w = feature.shape
     vectors = [feature[:, i, j] for i in range(h) for j in range(w)]
+    if center:
+        mean = sum(vectors) / len(vectors)
+        vectors = [v - mean for v in vectors]
     p = len(vectors)
     first = torch.zeros(p, p)
     for a in range(p):
@@ -40,13 +45,14 @@ def _reference_self_correlation(feature: torch.Tensor, t1: float, t2: float) -> 
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_self_correlation_matches_double_loop(seed):
+@pytest.mark.parametrize("center", [True, False])
+def test_self_correlation_matches_double_loop(seed, center):
     gen = torch.Generator().manual_seed(seed)
     # Few channels so that many pairs fall on both sides of the thresholds.
     features = torch.randn(2, 3, 3, 4, generator=gen)
-    got = self_correlation([features], 0.5, 0.1)
+    got = self_correlation([features], 0.5, 0.1, center=center)
     for n in range(2):
-        expected = _reference_self_correlation(features[n], 0.5, 0.1)
+        expected = _reference_self_correlation(features[n], 0.5, 0.1, center)
         torch.testing.assert_close(got[n], expected, rtol=1e-4, atol=1e-5)
 
 
