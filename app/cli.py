@@ -49,12 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"app.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"app.commands.{name}":
-                raise
-            continue  # a command still being built; it appears once its module exists
+        module = importlib.import_module(f"app.commands.{name}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(_module=module)
     return parser
