@@ -1,13 +1,18 @@
 """The demo workspace behind `make demo`: 40 fire and smoke frames from assets/demo, proposed.
 
     python -m app.demo --workspace workspace/demo          build (or reuse) the demo workspace
-    python -m app.demo --make-model --data ../shared/data  remake assets/demo/classifier.pt
 
 Building ingests the demo images with their boxes kept as reference labels (the classifier sees
 only the tags, as a team with tags only would), registers the classifier shipped in
 assets/demo/classifier.pt (or, when it is missing, trains a small one here in a few minutes),
 and runs `propose`, so the review app opens on real proposals. Every step is a `pyrolabel`
 command, and a step already done is skipped, so running it again is quick.
+
+The shipped classifier is the network whose pseudo labels the README's table measures: trained
+by core.train_classifier (what `pyrolabel train classifier` runs) on the tags of ../shared/data
+with some clips held out, and saved in half precision:
+
+    python -m bench.pseudo_labels --save-network assets/demo/classifier.pt
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -31,10 +35,7 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 DEMO_MODEL = ASSETS / "classifier.pt"
 
-# Settings of the shipped classifier; `--make-model` trains it on every tag of ../shared/data.
 MODEL_ARCH = "resnet10"
-MODEL_IMAGE_SIZE = 160
-MODEL_EPOCHS = 16
 # Without the shipped file: a short run on the 40 demo images only (a weak model, but real).
 FALLBACK_EPOCHS = 6
 FALLBACK_IMAGE_SIZE = 128
@@ -106,7 +107,8 @@ def register_classifier(workspace: Workspace, checkpoint_path: Path) -> int:
     if classes != workspace.classes():
         raise SystemExit(
             f"{checkpoint_path} was trained for classes {classes}, the workspace has "
-            f"{workspace.classes()}; remake it with `python -m app.demo --make-model`"
+            f"{workspace.classes()}; remake it with "
+            "`python -m bench.pseudo_labels --save-network assets/demo/classifier.pt`"
         )
     target = workspace.models_dir / "demo-classifier.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,60 +125,11 @@ def register_classifier(workspace: Workspace, checkpoint_path: Path) -> int:
         )
 
 
-def make_model(data: Path, out: Path = DEMO_MODEL) -> None:
-    """Train the shipped demo classifier on every tag of the development data and save it small.
-
-    The images under assets/demo are part of fire-boxes, so the demo shows a model that has seen
-    their tags (never their boxes): what a team sees on its own tagged data.
-    """
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="pyrolabel-demo-model-") as tmp:
-        workspace = Workspace(Path(tmp) / "workspace")
-        _run(workspace, "init", "--classes", "fire,smoke")
-        boxes, masks, tags = data / "fire-boxes", data / "fire-masks", data / "fire-tags"
-        steps = [
-            ["ingest", str(boxes / "images"), "--yolo", str(boxes / "labels"), "--tags-only"],
-            ["ingest", str(masks / "images"), "--masks", str(masks / "masks"), "--tags-only"],
-            ["ingest", str(tags / "images"), "--tags", str(tags / "tags.csv")],
-            ["train", "classifier", "--arch", MODEL_ARCH, "--epochs", str(MODEL_EPOCHS),
-             "--image-size", str(MODEL_IMAGE_SIZE), "--weights", "none"],
-        ]  # fmt: skip
-        for step in steps:
-            _run(workspace, *step)
-        with workspace.session() as session:
-            version = session.scalar(
-                select(ModelVersion)
-                .where(ModelVersion.kind == "classifier")
-                .order_by(ModelVersion.id.desc())
-            )
-            path = workspace.absolute(version.path)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-
-    # Half precision and no optimizer state: a quarter of the training checkpoint's size.
-    slim = {k: v for k, v in checkpoint.items() if k not in ("optimizer", "scheduler")}
-    slim["model"] = {
-        k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(slim, out)
-    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")  # noqa: T201
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workspace", default="workspace/demo", help="demo workspace folder")
-    parser.add_argument(
-        "--make-model", action="store_true", help="remake assets/demo/classifier.pt"
-    )
-    parser.add_argument(
-        "--data", default="../shared/data", help="development data for --make-model"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.make_model:
-        make_model(Path(args.data))
-        return 0
     workspace = Workspace(args.workspace)
     build(workspace)
     print(f"demo workspace ready at {workspace.root}")  # noqa: T201

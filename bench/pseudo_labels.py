@@ -69,7 +69,12 @@ from core.images import read_header, read_rgb
 from core.metrics import IoUAccumulator, coco_box_ap
 from core.propose import iter_proposals, proposal_boxes
 from core.rsepm import RSEPMNet, load_rsepm
-from core.train_classifier import ClassifierConfig, TrainCallback, train_classifier
+from core.train_classifier import (
+    ClassifierConfig,
+    TrainCallback,
+    save_for_inference,
+    train_classifier,
+)
 
 log = logging.getLogger("bench.pseudo_labels")
 
@@ -651,7 +656,9 @@ def train_network(config: BenchConfig, data: BenchData, output_dir: Path) -> tup
     return result.model, result.seconds
 
 
-def run_bench(config: BenchConfig, checkpoint: Path | None = None) -> dict:
+def run_bench(
+    config: BenchConfig, checkpoint: Path | None = None, save_network: Path | None = None
+) -> dict:
     seed_everything(config.seed)
     device = pick_device(config.device)
     bench_started = time.monotonic()
@@ -676,6 +683,9 @@ def run_bench(config: BenchConfig, checkpoint: Path | None = None) -> dict:
         )
         with tempfile.TemporaryDirectory(prefix="bench-pseudo-") as tmp:
             net, train_seconds = train_network(config, data, Path(tmp))
+            if save_network is not None:
+                save_for_inference(Path(tmp) / "last.pt", save_network)
+                print(f"network saved to {save_network}")
         print(f"training time: {train_seconds / 60:.1f} min")
     net.eval()
 
@@ -777,6 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--save-network",
+        type=Path,
+        metavar="FILE",
+        help="keep the trained network (half precision; assets/demo/classifier.pt is made so)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -798,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
-    report = run_bench(config, checkpoint=args.checkpoint)
+    report = run_bench(config, checkpoint=args.checkpoint, save_network=args.save_network)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
         print(f"results written to {args.json}")

@@ -491,6 +491,21 @@ def train_classifier(
     )
 
 
+def save_for_inference(checkpoint_path: Path, out: Path) -> None:
+    """Write a training checkpoint's network alone, in half precision, for shipping.
+
+    Optimizer and scheduler state go and floating-point weights become float16: about a quarter
+    of the training checkpoint's size. `core.rsepm.load_rsepm` reads it like any checkpoint.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    slim = {k: v for k, v in checkpoint.items() if k not in ("optimizer", "scheduler")}
+    slim["model"] = {
+        k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out)
+
+
 class TqdmProgress(TrainCallback):
     """A tqdm bar per epoch showing the per-term losses; for the command line."""
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from core.classifier_data import ClassifierDataset, ClassifierSample, to_binary
-from core.rsepm import IGNORE_INDEX, build_rsepm
+from core.rsepm import IGNORE_INDEX, build_rsepm, load_rsepm
 from core.train_classifier import (
     ClassifierConfig,
     NonFiniteLossError,
     TrainCallback,
     make_pseudo_masks,
+    save_for_inference,
     train_classifier,
     training_losses,
 )
@@ -204,3 +205,23 @@ def test_resume_without_checkpoint_and_bad_config_fail_clearly(samples, tmp_path
 def test_training_samples_shape_is_checked(tmp_path):
     with pytest.raises(ValueError, match="3 tags for 2 classes"):
         ClassifierDataset([ClassifierSample("a.png", (1.0, 0.0, 0.0))], 2)
+
+
+def test_saved_for_inference_loads_and_predicts_like_the_trained_network(samples, tmp_path):
+    result = train_classifier(_config(epochs=1), samples, CLASSES, tmp_path / "run")
+    slim_path = tmp_path / "slim.pt"
+    save_for_inference(tmp_path / "run" / "last.pt", slim_path)
+
+    slim = torch.load(slim_path, weights_only=False)
+    assert "optimizer" not in slim and "scheduler" not in slim
+    assert slim["classes"] == CLASSES
+    assert all(v.dtype != torch.float32 for v in slim["model"].values())
+    assert slim_path.stat().st_size < (tmp_path / "run" / "last.pt").stat().st_size / 2
+
+    loaded, _ = load_rsepm(slim_path)
+    trained = result.model.cpu().eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = trained(images), loaded(images)
+    # float16 weights: logits agree to about three significant digits.
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-2, atol=1e-2)
