@@ -71,7 +71,8 @@ def _load_matching(model: nn.Module, state: dict, origin: str) -> None:
     model.load_state_dict(usable, strict=False)
     if skipped or missing:
         log.warning(
-            "%s: loaded %d tensors, skipped %d that do not fit, %d of the model's left as initialised",
+            "%s: loaded %d tensors, skipped %d that do not fit, "
+            "%d of the model's left as initialised",
             origin,
             len(usable),
             skipped,
