@@ -33,6 +33,18 @@ PG_URL_ENV = "PYROLABEL_TEST_PG_URL"
 TEST_CLASSES = ("fire", "smoke")
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread: small models run faster so, and results do not depend on the core
+    count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real development data (fire-boxes, fire-masks, fire-tags) next to the repository."""

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -153,6 +154,10 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 90.
     raise RuntimeError(f"the review app did not answer at {url} within {timeout_s:.0f} s")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace, workspace: Workspace) -> int:
     if not _port_free(args.host, args.port):
         print(
@@ -169,6 +174,9 @@ def run(args: argparse.Namespace, workspace: Workspace) -> int:
             flush=True,
         )
         process = launch(workspace, host=args.host, port=args.port, secrets_file=secrets_file)
+        # A service manager stops us with SIGTERM: take the app down with us, as on Ctrl+C,
+        # instead of leaving it orphaned on the port.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             code = process.wait()
         except KeyboardInterrupt:

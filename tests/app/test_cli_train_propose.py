@@ -1,6 +1,5 @@
 import cv2
 import pytest
-import torch
 from sqlalchemy import func, select, update
 
 from app.cli import main
@@ -28,12 +27,7 @@ TINY_TRAIN = [
 TINY_PROPOSE = ["propose", "--image-size", "32", "--scales", "1.0", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

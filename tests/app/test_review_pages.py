@@ -268,6 +268,38 @@ def test_serve_refuses_a_busy_port(workspace, capsys):
     assert "in use" in capsys.readouterr().err
 
 
+def test_serve_stopped_by_sigterm_takes_the_app_down(tmp_path):
+    """A service manager's stop must not leave Streamlit orphaned on the port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from db.workspace import Workspace
+
+    root = tmp_path / "workspace"
+    Workspace(root).init(["fire", "smoke"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "app.cli", "--workspace", str(root), "serve", "--port"]
+    process = subprocess.Popen(
+        [*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        serve.wait_until_ready(url, process, timeout_s=120)
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while not serve._port_free("127.0.0.1", port):
+            assert time.monotonic() < deadline, f"the app still listens on port {port}"
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_zip_folder_keeps_relative_paths(tmp_path):
     from app.ui.export import _zip_folder
 
