@@ -168,8 +168,18 @@ def test_layers_and_modes_render(app_for):
     assert not at.exception
 
 
+def test_correction_panel_draws_its_inputs_only_when_open(app_for):
+    at = app_for()
+    assert not at.number_input
+    at.session_state["rv_edit_open"] = True
+    at.run()
+    assert len(at.number_input) == 4
+
+
 def test_corrected_box_replaces_the_current_one(app_for, workspace):
     at = app_for()
+    at.session_state["rv_edit_open"] = True
+    at.run()
     image_id = shown_image(at)
     current = pending(workspace, image_id)[0]
     tag = f"{current.id}_{current.version}_{hash(None)}"

@@ -210,6 +210,25 @@ def test_overlay_cache_prefetches_once(tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
+def test_overlay_cache_derives_mask_boxes_once(tmp_path, monkeypatch):
+    from app.ui import overlays
+
+    mask = np.zeros((20, 40), np.uint8)
+    mask[2:6, 4:10] = 200
+    source = _source(tmp_path, np.zeros((40, 80, 3), np.uint8), mask=mask)
+    path = source.mask_path("fire")
+    calls = []
+    real = overlays.derive_boxes
+    monkeypatch.setattr(overlays, "derive_boxes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = OverlayCache()
+    cache.prefetch_derived(path, threshold=0.5, image_size=(80, 40), class_score=0.9)
+    got = cache.derived(path, threshold=0.5, image_size=(80, 40), class_score=0.9)
+    assert got == real(mask, threshold=0.5, image_size=(80, 40), class_score=0.9)
+    assert cache.derived(path, threshold=0.5, image_size=(80, 40), class_score=0.9) == got
+    assert len(calls) == 1
+    assert cache.derived(None, threshold=0.5, image_size=(80, 40), class_score=0.9) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # pyrolabel serve
 
