@@ -1,8 +1,9 @@
 """Write a workspace's annotations as COCO, YOLO, Pascal VOC or mask PNGs (`pyrolabel export`).
 
-What is exported: boxes given with the data or made by reviewers, and proposals a reviewer
-accepted; reference boxes (from `ingest --tags-only`) and pending proposals, with their scores,
-only when asked. Rejected, replaced (edited) and deleted boxes never.
+What is exported: boxes given with the data or drawn by reviewers, and proposals a reviewer
+accepted (pseudo and model boxes, and boxes grown from a reviewer's point); reference boxes
+(from `ingest --tags-only`) and pending proposals, with their scores, only when asked.
+Rejected, replaced (edited) and deleted boxes never.
 
 Which images: those with at least one exported box, and negatives, whose tags (given, or a
 reviewer's, which wins) say every class is absent. An image tagged with a class but without
@@ -109,17 +110,18 @@ def export_annotations(
 
 def _box_filter(include_reference: bool, include_pending: bool):
     """SQL condition for the boxes an export holds (see the module docstring)."""
-    trusted = Box.origin.in_([BoxOrigin.GIVEN, BoxOrigin.HUMAN]) & Box.status.in_(
-        [BoxStatus.ACCEPTED, BoxStatus.PENDING]
+    # A drawn human box is the reviewer's own word from the start; one grown from a point is a
+    # proposal shown for acceptance, like a pseudo box (db.curation reads them the same way).
+    drawn = (Box.origin == BoxOrigin.GIVEN) | (
+        (Box.origin == BoxOrigin.HUMAN) & Box.point_id.is_(None)
     )
-    accepted = Box.origin.in_([BoxOrigin.PSEUDO, BoxOrigin.MODEL]) & (
-        Box.status == BoxStatus.ACCEPTED
+    trusted = drawn & Box.status.in_([BoxStatus.ACCEPTED, BoxStatus.PENDING])
+    proposed = Box.origin.in_([BoxOrigin.PSEUDO, BoxOrigin.MODEL]) | (
+        (Box.origin == BoxOrigin.HUMAN) & Box.point_id.is_not(None)
     )
-    conditions = [trusted, accepted]
+    conditions = [trusted, proposed & (Box.status == BoxStatus.ACCEPTED)]
     if include_pending:
-        conditions.append(
-            Box.origin.in_([BoxOrigin.PSEUDO, BoxOrigin.MODEL]) & (Box.status == BoxStatus.PENDING)
-        )
+        conditions.append(proposed & (Box.status == BoxStatus.PENDING))
     if include_reference:
         conditions.append(
             (Box.origin == BoxOrigin.REFERENCE)

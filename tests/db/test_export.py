@@ -16,6 +16,7 @@ from core.formats import BoxLabel, coco_document, read_mask, voc_xml
 from db.export import export_annotations, export_names
 from db.ingest import IngestOptions, ingest
 from db.models import Box, BoxOrigin, BoxStatus, Image, LabelClass, Mask, Tag, TagOrigin
+from db.review import accept_box, add_point
 from db.workspace import Workspace
 
 CLASSES = ["fire", "smoke"]
@@ -253,6 +254,38 @@ def test_export_holds_accepted_and_human_boxes(
     # Only pending proposals carry their score.
     assert [a["bbox"][0] for a in on_image if "score" in a] == ([10] if include_pending else [])
     assert len(document["annotations"]) == 6 + len(expected_x1)
+
+
+def test_point_box_is_exported_once_accepted(reviewed_workspace, tmp_path):
+    """A box grown from a reviewer's click is a proposal: pending, it needs include_pending."""
+    with reviewed_workspace.transaction() as session:
+        image_id = session.scalar(select(Image.id).where(Image.path.like("%none_b.jpg")))
+        blob = np.zeros((48, 64), np.float32)  # tiny_dataset images are 64x48
+        blob[16:32, 24:40] = 1.0
+        _, box = add_point(
+            session,
+            image_id=image_id,
+            reviewer="ana",
+            class_name="fire",
+            x=32.0,
+            y=24.0,
+            fg_prob=blob,
+        )
+        box_id, version, grown = box.id, box.version, box.x1
+
+    def exported_x1(include_pending: bool) -> list[float]:
+        out = tmp_path / f"out-{include_pending}"
+        export_annotations(reviewed_workspace, "coco", out, include_pending=include_pending)
+        document = json.loads((out / "annotations.json").read_text())
+        file_ids = {image["file_name"]: image["id"] for image in document["images"]}
+        image = file_ids["none_b.jpg"]
+        return sorted(a["bbox"][0] for a in document["annotations"] if a["image_id"] == image)
+
+    assert exported_x1(include_pending=False) == [1, 40]
+    assert exported_x1(include_pending=True) == sorted([1, 10, 40, grown])
+    with reviewed_workspace.transaction() as session:
+        accept_box(session, box_id=box_id, version=version, reviewer="ana")
+    assert exported_x1(include_pending=False) == sorted([1, 40, grown])
 
 
 def test_tagged_image_without_box_is_left_out(workspace, tiny_dataset, tmp_path):
