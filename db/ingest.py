@@ -190,6 +190,7 @@ def ingest(
             f"--mask-class {mask_class!r} is not a workspace class ({', '.join(classes)})"
         )
     classes_file = _classes_file(options)
+    file_classes = _read_class_names(classes_file) if classes_file is not None else []
 
     report = IngestReport()
     handle = None
@@ -212,7 +213,7 @@ def ingest(
 
         # 3. Labels
         started = time.perf_counter()
-        sources = _read_sources(options, classes, classes_file, mask_class, problems)
+        sources = _read_sources(options, classes, classes_file, file_classes, mask_class, problems)
         if sources:
             _ingest_labels(workspace, by_key, bad_keys, sources, classes, options, report, problems)
         report.seconds["labels"] = time.perf_counter() - started
@@ -238,6 +239,23 @@ def _classes_file(options: IngestOptions) -> Path | None:
     raise WorkspaceError(
         f"--yolo {options.yolo_dir} needs --classes FILE (class names, one per line, in id order)"
     )
+
+
+def _read_class_names(classes_file: Path) -> list[str]:
+    """The YOLO class names, read before anything is ingested: without them no box has a class."""
+    try:
+        names = read_classes_file(classes_file)
+    except (OSError, UnicodeDecodeError) as error:
+        raise WorkspaceError(
+            f"classes file {classes_file} cannot be read ({error}); it should be UTF-8 text "
+            "with one class name per line, in id order"
+        ) from error
+    if not names:
+        raise WorkspaceError(
+            f"classes file {classes_file} names no class; write one class name per line, in id "
+            "order (0 fire, 1 smoke: `fire` then `smoke`)"
+        )
+    return names
 
 
 # 1. Scan
@@ -408,6 +426,7 @@ def _read_sources(
     options: IngestOptions,
     classes: list[str],
     classes_file: Path | None,
+    file_classes: list[str],
     mask_class: str,
     problems: _ProblemLog,
 ) -> list[_Source]:
@@ -417,7 +436,6 @@ def _read_sources(
         problems.extend(found)
         sources.append(_Source("tags", labels))
     if options.yolo_dir is not None:
-        file_classes = read_classes_file(classes_file)
         for index, name in enumerate(file_classes):
             if name not in classes:
                 problems.add(

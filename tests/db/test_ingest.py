@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from db.ingest import IngestOptions, ingest
 from db.models import Box, BoxOrigin, BoxStatus, Image, Mask, MaskOrigin, Tag, TagOrigin
 from db.queries import box_counts, image_tag_sets, splits
+from db.workspace import WorkspaceError
 
 
 def options(**kwargs) -> IngestOptions:
@@ -330,3 +331,21 @@ def test_nothing_usable(workspace, tmp_path):
     (folder / "a.jpg").write_bytes(b"")
     report = ingest(workspace, folder, options())
     assert not report.usable and report.skipped == 1
+
+
+@pytest.mark.parametrize(
+    "content,reason", [(b"\xff\xfe\x00fire\x00", "cannot be read"), (b"\n \n", "names no class")]
+)
+def test_unusable_classes_file_is_named_before_anything_is_ingested(
+    workspace, tiny_dataset, tmp_path, content, reason
+):
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(content)
+    with pytest.raises(WorkspaceError, match=rf"classes file .*classes\.txt {reason}"):
+        ingest(
+            workspace,
+            tiny_dataset.images,
+            options(yolo_dir=tiny_dataset.labels, classes_file=classes),
+        )
+    with workspace.session() as session:
+        assert session.scalar(select(func.count(Image.id))) == 0
