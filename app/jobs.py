@@ -71,6 +71,9 @@ class RetrainOptions:
     teacher / student: detector variants (core.detectors.VARIANTS).
     epochs / image_size / batch_size: None keeps each stage's own default.
     distill: "cwd" (channel-wise, on FPN features and logits), "kd" (logits only) or "none".
+    distill_tau / distill_feature_weight / distill_logit_weight: the distillation's temperature
+        and the weights of its feature and logit terms (None keeps core.distill.DistillConfig's
+        defaults); KD reads the temperature and the logit weight only.
     eval_splits: held out for evaluation; never trained on.
     train_on_reference: train on reference labels of training splits (off: DESIGN keeps
         reference labels out of training).
@@ -84,6 +87,9 @@ class RetrainOptions:
     image_size: int | None = None
     batch_size: int | None = None
     distill: str = "cwd"
+    distill_tau: float | None = None
+    distill_feature_weight: float | None = None
+    distill_logit_weight: float | None = None
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     train_on_reference: bool = False
     score_threshold: float = 0.5
@@ -99,6 +105,11 @@ class RetrainOptions:
         self.stages = [s for s in STAGES if s in self.stages]
         if self.distill not in DISTILL_MODES:
             raise ValueError(f"--distill must be one of {', '.join(DISTILL_MODES)}")
+        if self.distill_tau is not None and self.distill_tau <= 0:
+            raise ValueError("--distill-tau must be positive")
+        for name in ("distill_feature_weight", "distill_logit_weight"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be zero or more")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         if self.image_size is not None and self.image_size < 32:
@@ -107,6 +118,17 @@ class RetrainOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def distill_config(self, teacher: str) -> dict[str, Any]:
+        """core.distill.DistillConfig's keyword arguments for this job's student."""
+        config: dict[str, Any] = {"kind": self.distill, "teacher": teacher}
+        if self.distill_tau is not None:
+            config["kd_tau" if self.distill == "kd" else "tau"] = self.distill_tau
+        if self.distill_feature_weight is not None:
+            config["feature_weight"] = self.distill_feature_weight
+        if self.distill_logit_weight is not None:
+            config["logit_weight"] = self.distill_logit_weight
+        return config
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RetrainOptions:

@@ -204,7 +204,7 @@ def student_stage(ctx: StageContext) -> dict[str, Any]:
                 "no teacher to distil from: add the teacher stage (--stages teacher,student) "
                 "or use --distill none"
             )
-        distill = {"kind": ctx.options.distill, "teacher": str(teacher_path)}
+        distill = ctx.options.distill_config(str(teacher_path))
     trained = _train_detector_stage(
         ctx, kind="student", variant=ctx.options.student, distill=distill
     )

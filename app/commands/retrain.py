@@ -52,6 +52,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="how the student learns from the teacher (default: %(default)s)",
     )
     what.add_argument(
+        "--distill-tau",
+        type=float,
+        help="distillation temperature (default: 1 for CWD, 2 for KD)",
+    )
+    what.add_argument(
+        "--distill-feature-weight",
+        type=float,
+        help="weight of CWD's term on each FPN level's features (default: 2; 0 leaves it out)",
+    )
+    what.add_argument(
+        "--distill-logit-weight",
+        type=float,
+        help="weight of the term on each level's class logits (default: 2; 0 leaves it out)",
+    )
+    what.add_argument(
         "--eval-split",
         action="append",
         metavar="NAME",
@@ -113,6 +128,9 @@ def _options(args: argparse.Namespace):
         image_size=args.image_size,
         batch_size=args.batch_size,
         distill=args.distill,
+        distill_tau=args.distill_tau,
+        distill_feature_weight=args.distill_feature_weight,
+        distill_logit_weight=args.distill_logit_weight,
         train_on_reference=args.train_on_reference,
         score_threshold=args.score_threshold,
         device=args.device,

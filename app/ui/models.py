@@ -105,6 +105,31 @@ def retrain_options_ui(splits: list[str]) -> jobs.RetrainOptions | None:
             default=[s for s in defaults.eval_splits if s in splits],
             help="held out: never trained on, scored after training",
         )
+        # Empty keeps core.distill's defaults (temperature 1 for CWD, 2 for KD; weights 2).
+        tau = left.number_input(
+            "Distillation temperature",
+            min_value=0.1,
+            value=None,
+            step=0.5,
+            placeholder="default",
+            help="CWD's softmax over positions (KD's over classes) is taken at this temperature",
+        )
+        feature_weight = middle.number_input(
+            "CWD feature weight",
+            min_value=0.0,
+            value=None,
+            step=0.5,
+            placeholder="default (2)",
+            help="0 leaves the feature term out",
+        )
+        logit_weight = right.number_input(
+            "Logit weight",
+            min_value=0.0,
+            value=None,
+            step=0.5,
+            placeholder="default (2)",
+            help="0 leaves the logit term out",
+        )
         train_on_reference = st.checkbox(
             "Also train on reference labels of training splits",
             help="reference labels (ingest --tags-only) are held-out truth; off by default",
@@ -120,6 +145,9 @@ def retrain_options_ui(splits: list[str]) -> jobs.RetrainOptions | None:
         teacher=teacher,
         student=student,
         distill=distill,
+        distill_tau=tau,
+        distill_feature_weight=feature_weight,
+        distill_logit_weight=logit_weight,
         epochs=int(epochs) or None,
         image_size=int(image_size) or None,
         eval_splits=eval_splits,

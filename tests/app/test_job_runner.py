@@ -259,6 +259,24 @@ def test_options_are_validated_and_ordered():
         jobs.RetrainOptions(stages=["techer"])
     with pytest.raises(ValueError, match="--distill"):
         jobs.RetrainOptions(distill="fitnet")
+    with pytest.raises(ValueError, match="--distill-tau must be positive"):
+        jobs.RetrainOptions(distill_tau=0)
+
+
+def test_distill_options_reach_the_student_config():
+    from core.distill import DistillConfig
+
+    plain = DistillConfig(**jobs.RetrainOptions().distill_config("t.pt"))
+    assert (plain.kind, plain.teacher, plain.tau) == ("cwd", "t.pt", DistillConfig().tau)
+    cwd = jobs.RetrainOptions(
+        distill_tau=4.0, distill_feature_weight=0.0, distill_logit_weight=1.5
+    ).distill_config("t.pt")
+    assert DistillConfig(**cwd) == DistillConfig(
+        kind="cwd", teacher="t.pt", tau=4.0, feature_weight=0.0, logit_weight=1.5
+    )
+    # KD has its own temperature; the CWD one stays at its default.
+    kd = DistillConfig(**jobs.RetrainOptions(distill="kd", distill_tau=3.0).distill_config("t.pt"))
+    assert (kd.kd_tau, kd.tau) == (3.0, DistillConfig().tau)
 
 
 def test_offered_detector_pairs_exist_and_match():

@@ -94,6 +94,8 @@ def test_detach_refuse_cancel_resume(cli, workers, monkeypatch, workspace):
         (["--stages", "techer"], "unknown stage 'techer'"),
         (["--teacher", "huge"], "--teacher 'huge' is not one of"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--distill-tau", "-1"], "--distill-tau must be positive"),
+        (["--distill-logit-weight", "-2"], "--distill-logit-weight must be zero or more"),
     ],
 )
 def test_bad_options_name_the_fix(cli, argv, message):
