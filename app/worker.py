@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from app.jobs import job_log_path, load_stage_functions, run_job
@@ -32,6 +33,16 @@ def run_worker(
     log_to_stderr: add a stderr handler (not needed when the caller configured logging).
     log_to_file: append to runs/job-<id>.log (not needed when stderr already goes there).
     """
+    # A job is one process: its stages write the job row, freeze the dataset version and
+    # register models, so several torchrun ranks would each do all of that. Multi-GPU training
+    # goes through `pyrolabel train classifier` and `propose` under torchrun, and
+    # core.train_detector (DistributedDataParallel), until the stages learn to leave the
+    # database to rank 0.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise JobError(
+            f"job {job_id} runs in one process on one device (retrain --device); start "
+            f"`pyrolabel worker {job_id}` without torchrun"
+        )
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     handlers: list[logging.Handler] = []

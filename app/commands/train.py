@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.classifier_data import BINARY_CLASS, ClassifierSample, to_binary
+from core.distributed import init_distributed
 from core.rsepm import ARCHS
 from core.train_classifier import (
     ClassifierConfig,
@@ -232,7 +233,9 @@ def _run_classifier(args: argparse.Namespace, workspace: Workspace) -> int:
         )
         return 130
 
-    # Register the model version.
+    # Register the model version: once, from rank 0, when torchrun started several processes.
+    if not init_distributed().is_main:
+        return 0
     final = result.history[-1] if result.history else {}
     losses = {k: v for k, v in final.items() if k not in ("epoch", "stage")}
     metrics = {

@@ -114,6 +114,18 @@ def test_worker_command_runs_a_queued_job_in_the_foreground(cli, workspace, fake
     assert code == 2 and "not queued" in cli.stderr
 
 
+def test_worker_under_torchrun_is_refused_and_the_job_stays_queued(
+    cli, workspace, fake_stages, monkeypatch
+):
+    cli("retrain", "--no-worker")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _ = cli("worker", "1")
+    assert code == 2 and "without torchrun" in cli.stderr
+    monkeypatch.delenv("WORLD_SIZE")
+    code, out = cli("worker", "1")
+    assert code == 0 and out[-1].startswith("job 1 succeeded")
+
+
 def _register_tiny_student(workspace) -> int:
     """A tiny student trained for one step, registered like a retrain job would."""
     from core.train_detector import DetectorTrainConfig, train_detector
