@@ -1,8 +1,9 @@
 """`pyrolabel export-model ID --onnx FILE`: a registered detector (usually the edge student) as
 ONNX, checked against PyTorch with onnxruntime.
 
-The graph takes (N, 3, S, S) RGB in [0, 1] and returns raw head outputs and anchors; decoding
-and NMS are left to the device (see core/export_onnx.py for the exact contract).
+The graph takes (N, 3, S, S) RGB in [0, 1] and returns decoded boxes (x1y1x2y2, input pixels)
+and per-class scores at every pyramid position; thresholding and NMS are left to the device
+(see core/export_onnx.py for the exact contract).
 """
 
 from __future__ import annotations
