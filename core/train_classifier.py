@@ -14,6 +14,10 @@ Schedule (our choice; the paper's authors released no training code):
 Reviewer points are foreground disks in every pseudo mask from stage 2 on, for classes the tags
 say are present. Negative images (no class present) are background everywhere.
 
+Distillation (config.teacher): a trained classifier of the same classes, frozen, sees the same
+batch; the student adds binary KD on the class logits ("kd_logits") and channel-wise
+distillation of the raw CAMs ("cwd_cam", core.distill) to its own losses, in every stage.
+
 Checkpoints are dictionaries (model, optimizer, scheduler, config, epoch, step, best_metric,
 classes, arch, history) written to `<output_dir>/last.pt` after every epoch and on an
 interrupt; `resume=True` continues from the exact batch where the run stopped.
@@ -35,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from core.classifier_data import ClassifierDataset, ClassifierSample
 from core.device import pick_device, seed_everything
+from core.distill import classifier_distillation
 from core.distributed import any_rank, init_distributed, make_sampler
 from core.rsepm import (
     ARCHS,
@@ -43,6 +48,7 @@ from core.rsepm import (
     build_rsepm,
     cam_pixel_loss,
     classification_loss,
+    load_rsepm,
     segmentation_loss,
 )
 from core.seeds import (
@@ -90,6 +96,14 @@ class ClassifierConfig:
     point_radius_frac: float = 0.04
     scale_range: tuple[float, float] = (1.0, 1.4)
     binary: bool = False  # the caller collapsed the classes (core.classifier_data.to_binary)
+    # Distillation from a trained classifier (a larger backbone, say) into this one: binary KD
+    # (Hinton et al. 2015) on the class logits and CWD (Shu et al. 2021) on the raw CAMs, so an
+    # edge classifier learns where the teacher looks as well as what it says.
+    teacher: str | None = None  # a checkpoint written by train_classifier, same classes
+    kd_weight: float = 1.0
+    kd_tau: float = 2.0
+    cam_distill_weight: float = 1.0
+    cam_tau: float = 1.0
     num_workers: int = 2
     seed: int = 0
     device: str | None = None
@@ -104,6 +118,8 @@ class ClassifierConfig:
             )
         if not 0 <= self.warmup_epochs <= self.recursion_start_epoch:
             raise ValueError("need 0 <= warmup_epochs <= recursion_start_epoch")
+        if self.kd_tau <= 0 or self.cam_tau <= 0:
+            raise ValueError("distillation temperatures kd_tau and cam_tau must be positive")
         self.scale_range = tuple(self.scale_range)
 
 
@@ -227,14 +243,32 @@ def make_pseudo_masks(
 
 
 def training_losses(
-    model: torch.nn.Module, batch: dict, epoch: int, config: ClassifierConfig
+    model: torch.nn.Module,
+    batch: dict,
+    epoch: int,
+    config: ClassifierConfig,
+    teacher: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Unweighted loss terms of one batch: "cls" always, "seg" after warm-up, "cam" in the
-    recursion stage."""
+    recursion stage; with a teacher also "kd_logits" and "cwd_cam" (core.distill)."""
     stage = stage_of(epoch, config)
     with_seg = stage != "warm-up"
     out = model(batch["image"], with_seg=with_seg, with_features=with_seg)
     losses = {"cls": classification_loss(out.logits, batch["tags"])}
+    if teacher is not None:
+        with torch.no_grad():
+            taught = teacher(batch["image"], with_seg=False, with_features=False)
+        with_cams = config.cam_distill_weight > 0
+        losses.update(
+            classifier_distillation(
+                out.logits,
+                taught.logits,
+                out.cams if with_cams else None,
+                taught.cams if with_cams else None,
+                kd_tau=config.kd_tau,
+                cam_tau=config.cam_tau,
+            )
+        )
     if not with_seg:
         return losses
     recursive = stage == "recursion"
@@ -265,6 +299,30 @@ def _lr_lambda(config: ClassifierConfig, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _load_teacher(
+    config: ClassifierConfig, classes: Sequence[str], device: torch.device
+) -> torch.nn.Module | None:
+    """The frozen teacher of a distilled run, or None."""
+    if config.teacher is None:
+        return None
+    path = Path(config.teacher)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {path} does not exist; train the teacher first "
+            "(pyrolabel train classifier --arch resnet50) and pass its checkpoint"
+        )
+    teacher, meta = load_rsepm(path, device)
+    if list(meta["classes"]) != list(classes):
+        raise ValueError(
+            f"teacher {path} predicts {meta['classes']}, the student {list(classes)}; "
+            "distil between classifiers of the same classes (and the same --binary)"
+        )
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    log.info("distilling from teacher %s (%s)", path, meta["arch"])
+    return teacher.eval()
 
 
 def train_classifier(
@@ -332,6 +390,7 @@ def train_classifier(
         seg_channels=config.seg_channels,
         from_checkpoint=checkpoint is not None,
     ).to(device)
+    teacher = _load_teacher(config, classes, device)
     head_ids = {id(p) for p in model.head_parameters()}
     backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
@@ -420,11 +479,13 @@ def train_classifier(
             count = 0
             for step, batch in enumerate(loader, start=skip):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                losses = training_losses(train_model, batch, epoch, config)
+                losses = training_losses(train_model, batch, epoch, config, teacher)
                 weights = {
                     "cls": config.cls_weight,
                     "seg": config.seg_weight,
                     "cam": config.cam_weight,
+                    "kd_logits": config.kd_weight,
+                    "cwd_cam": config.cam_distill_weight,
                 }
                 for term, value in losses.items():
                     if not torch.isfinite(value):

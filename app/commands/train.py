@@ -93,6 +93,21 @@ def _add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue the newest interrupted classifier run in models/",
     )
+    parser.add_argument(
+        "--teacher",
+        metavar="MODEL_ID|FILE",
+        help="distil from this trained classifier (a model version id or a checkpoint): KD on "
+        "its logits and CWD on its CAMs, e.g. a mobilenet_v3 student of a resnet50 teacher",
+    )
+    parser.add_argument(
+        "--kd-weight", type=float, default=defaults.kd_weight, help="with --teacher"
+    )
+    parser.add_argument(
+        "--cam-distill-weight",
+        type=float,
+        default=defaults.cam_distill_weight,
+        help="with --teacher; 0 distils the logits only",
+    )
 
 
 def _schedule(args: argparse.Namespace, epochs: int) -> tuple[int, int]:
@@ -145,6 +160,20 @@ def _format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _teacher_path(workspace: Workspace, teacher: str) -> Path | None:
+    """--teacher as a checkpoint path (a classifier's model version id, or a file); None when
+    the id names no classifier."""
+    if not teacher.isdigit():
+        return Path(teacher)
+    from db.models import ModelVersion
+
+    with workspace.session() as session:
+        version = session.get(ModelVersion, int(teacher))
+        if version is None or version.kind != CLASSIFIER_KIND:
+            return None
+        return workspace.absolute(version.path)
+
+
 def _run_classifier(args: argparse.Namespace, workspace: Workspace) -> int:
     splits = args.split or ["train"]
 
@@ -191,6 +220,14 @@ def _run_classifier(args: argparse.Namespace, workspace: Workspace) -> int:
         run_dir = _next_run_dir(workspace.models_dir)
     warmup, recursion = _schedule(args, args.epochs)
     weights = None if args.weights in ("none", "random", "") else args.weights
+    teacher = _teacher_path(workspace, args.teacher) if args.teacher else None
+    if args.teacher and (teacher is None or not teacher.is_file()):
+        print(
+            f"error: --teacher {args.teacher}: no such classifier checkpoint; pass a "
+            "classifier's model version id (the Models page lists them) or a checkpoint file",
+            file=sys.stderr,
+        )
+        return 1
     config = ClassifierConfig(
         arch=args.arch,
         weights=weights,
@@ -201,6 +238,9 @@ def _run_classifier(args: argparse.Namespace, workspace: Workspace) -> int:
         warmup_epochs=warmup,
         recursion_start_epoch=recursion,
         binary=args.binary,
+        teacher=str(teacher) if teacher is not None else None,
+        kd_weight=args.kd_weight,
+        cam_distill_weight=args.cam_distill_weight,
         num_workers=args.workers,
         seed=args.seed,
         device=args.device,

@@ -147,3 +147,22 @@ def test_errors_name_the_fix(workspace, capsys):
     assert "no tagged image" in capsys.readouterr().err
     assert _cli(workspace, "propose") == 1
     assert "pyrolabel train classifier" in capsys.readouterr().err
+
+
+def test_train_classifier_distils_from_a_registered_teacher(tagged_workspace, capsys):
+    ws = tagged_workspace
+    assert _cli(ws, *TINY_TRAIN) == 0
+    capsys.readouterr()
+    assert _cli(ws, *TINY_TRAIN, "--teacher", "1") == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(
+        line.startswith("epoch 2/2") and "kd_logits=" in line and "cwd_cam=" in line for line in out
+    )
+    assert out[-1].startswith("trained classifier 2 (resnet10)")
+    with ws.session() as session:
+        student = session.get(ModelVersion, 2)
+        teacher = session.get(ModelVersion, 1)
+        assert student.config["teacher"] == str(ws.absolute(teacher.path))
+
+    assert _cli(ws, *TINY_TRAIN, "--teacher", "7") == 1
+    assert "--teacher 7: no such classifier checkpoint" in capsys.readouterr().err

@@ -220,3 +220,35 @@ def test_saved_for_inference_loads_and_predicts_like_the_trained_network(samples
         expected, got = trained(images), loaded(images)
     # float16 weights: logits agree to about three significant digits.
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-2, atol=1e-2)
+
+
+def test_distilled_student_learns_the_teachers_logits_and_cams(samples, tmp_path):
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    train_classifier(_config(epochs=1, seed=1), samples, CLASSES, teacher_dir)
+    teacher, _ = load_rsepm(teacher_dir / "last.pt")
+
+    # Only the distillation terms: the student has nothing to learn but the teacher.
+    config = _config(
+        epochs=4,
+        lr=1e-2,
+        cls_weight=0.0,
+        seg_weight=0.0,
+        cam_weight=0.0,
+        teacher=str(teacher_dir / "last.pt"),
+    )
+    result = train_classifier(config, samples, CLASSES, student_dir)
+    first, last = result.history[0], result.history[-1]
+    assert {"kd_logits", "cwd_cam"} <= set(first) and {"kd_logits", "cwd_cam"} <= set(last)
+    assert last["kd_logits"] < first["kd_logits"]
+    assert last["cwd_cam"] < first["cwd_cam"]
+    # The checkpoint remembers its teacher, so a resumed run distils from the same one.
+    assert load_rsepm(student_dir / "last.pt")[1]["config"]["teacher"] == config.teacher
+
+
+def test_teacher_of_other_classes_is_refused(samples, tmp_path):
+    train_classifier(_config(epochs=1), samples, CLASSES, tmp_path / "teacher")
+    config = _config(epochs=1, teacher=str(tmp_path / "teacher" / "last.pt"))
+    with pytest.raises(ValueError, match="teacher .* predicts"):
+        train_classifier(config, samples, ["fire", "smoke2"], tmp_path / "student")
+    with pytest.raises(FileNotFoundError, match="train the teacher first"):
+        train_classifier(_config(teacher=str(tmp_path / "none.pt")), samples, CLASSES, tmp_path)
