@@ -9,6 +9,10 @@ Which images: those with at least one exported box, and negatives, whose tags (g
 reviewer's, which wins) say every class is absent. An image tagged with a class but without
 an exported box of it is left out, since every format here would read it as a negative.
 
+Masks (`DIR/<class>/<image name>.png`): masks given with the data (reference masks when asked),
+and the latest RS+EPM mask of each exported box's class inside that box, so what reviewers
+accepted becomes pixels too; negatives get an empty mask of every class.
+
 Names. Label files are named by the image's file stem when stems are unique, else by the path
 relative to the images' common folder, so ingesting the export finds each image again.
 Images are not copied; YOLO gets an images.txt list and COCO an `images_root` in its info.
@@ -23,17 +27,30 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from sqlalchemy import or_, select
 
 from core.formats import BoxLabel, coco_document, read_mask, voc_xml, write_mask, write_yolo_text
-from db.models import Box, BoxOrigin, BoxStatus, Image, Mask, MaskOrigin, TagOrigin
+from db.models import (
+    Box,
+    BoxOrigin,
+    BoxStatus,
+    Image,
+    Mask,
+    MaskOrigin,
+    ProposalImage,
+    ProposalRun,
+    TagOrigin,
+)
 from db.queries import class_names, image_tag_sets
 from db.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "yolo", "voc", "masks")
+# `propose` writes foreground probability * 255; a run that records no threshold is cut here.
+DEFAULT_MASK_THRESHOLD = 0.5
 
 
 @dataclass
@@ -231,45 +248,129 @@ def _export_masks(
     include_pending: bool,
     report: ExportReport,
 ) -> None:
-    """DIR/<class>/<image name>.png, 255 for the class; several masks of one class are OR-ed."""
+    """DIR/<class>/<image name>.png, 255 for the class. A class's mask on an image is the union
+    of the masks given with the data (and reference masks, when asked) and of the image's latest
+    RS+EPM mask (probability at or above its run's threshold) inside the boxes of that class the
+    export holds: the pseudo mask where a reviewer accepted an object, cut to what they accepted.
+    Negatives (tags say every class is absent) get an empty mask of every class."""
     origins = [MaskOrigin.GIVEN]
     if include_reference:
         origins.append(MaskOrigin.REFERENCE)
-    if include_pending:
-        origins.append(MaskOrigin.PSEUDO)
     names = class_names(session)
+    sizes: dict[int, tuple[Path, int, int]] = {}
+    image_query = select(Image.id, Image.path, Image.width, Image.height)
+    if split is not None:
+        image_query = image_query.where(Image.split == split)
+    for image_id, path, width, height in session.execute(image_query):
+        sizes[image_id] = (workspace.absolute(path), width, height)
+
+    # Mask files: given (and reference) masks, one or more per (image, class).
+    files: dict[tuple[int, str], list[Path]] = defaultdict(list)
     query = (
-        select(Mask.image_id, Mask.class_id, Mask.path, Image.path, Image.width, Image.height)
-        .join(Image, Mask.image_id == Image.id)
+        select(Mask.image_id, Mask.class_id, Mask.path)
         .where(Mask.origin.in_(origins))
         .order_by(Mask.image_id, Mask.id)
     )
-    if split is not None:
-        query = query.where(Image.split == split)
-    grouped: dict[tuple[Path, str], list[Path]] = defaultdict(list)
-    sizes: dict[Path, tuple[int, int]] = {}
-    for _, class_id, mask_path, image_path, width, height in session.execute(query):
-        image = workspace.absolute(image_path)
-        grouped[(image, names[class_id])].append(workspace.absolute(mask_path))
-        sizes[image] = (width, height)
-    export = export_names(list(sizes))
-    for (image, cls), mask_paths in grouped.items():
-        width, height = sizes[image]
+    for image_id, class_id, mask_path in session.execute(query):
+        if image_id in sizes:
+            files[(image_id, names[class_id])].append(workspace.absolute(mask_path))
+
+    # Pseudo masks, cut to the exported boxes (never to reference boxes: those are the truth a
+    # proposal is scored against, not something a reviewer made).
+    cut_to: dict[tuple[int, str], list[BoxLabel]] = defaultdict(list)
+    classes = list(names.values())
+    for image in _select_images(
+        session, workspace, split, False, include_pending, classes, ExportReport("masks", out_dir)
+    ):
+        for box in image.boxes:
+            cut_to[(image.id, box.class_name)].append(box)
+    latest = _latest_proposal_masks(session, workspace, {image_id for image_id, _ in cut_to})
+
+    tags = image_tag_sets(session, origins=(TagOrigin.GIVEN, TagOrigin.REVIEWER), split=split)
+    negatives = [
+        image_id
+        for image_id in sizes
+        if tags.get(image_id) and all(tags[image_id].get(cls) is False for cls in classes)
+    ]
+
+    out: dict[tuple[int, str], np.ndarray] = {}
+    for key in sorted(set(files) | set(cut_to)):
+        image_id, cls = key
+        _, width, height = sizes[image_id]
         union = np.zeros((height, width), dtype=bool)
-        for mask_path in mask_paths:
-            try:
-                mask = read_mask(mask_path)
-            except Exception as err:  # Pillow raises many types for a missing or broken file
-                report.problems.append(f"{mask_path}: cannot read the mask ({err}); skipped")
-                continue
-            if mask.shape != union.shape:
-                report.problems.append(
-                    f"{mask_path}: {mask.shape[1]}x{mask.shape[0]} mask for a {width}x{height} "
-                    "image; skipped"
-                )
-                continue
-            union |= mask
-        write_mask(out_dir / cls / f"{export[image]}.png", union)
+        for mask_path in files.get(key, []):
+            mask = _read_export_mask(mask_path, (width, height), report)
+            if mask is not None:
+                union |= mask
+        if key in cut_to and image_id in latest:
+            mask_dir, threshold = latest[image_id]
+            probability = _read_probability(mask_dir / f"{image_id}_{cls}.png", (width, height))
+            if probability is not None:
+                inside = np.zeros_like(union)
+                for box in cut_to[key]:
+                    x1, y1 = max(0, int(np.floor(box.x1))), max(0, int(np.floor(box.y1)))
+                    x2, y2 = min(width, int(np.ceil(box.x2))), min(height, int(np.ceil(box.y2)))
+                    inside[y1:y2, x1:x2] = True
+                union |= inside & (probability >= threshold * 255.0)
+        if key in files or union.any():
+            out[key] = union
+    for image_id in negatives:
+        _, width, height = sizes[image_id]
+        for cls in classes:
+            out.setdefault((image_id, cls), np.zeros((height, width), dtype=bool))
+    report.negatives = len(negatives)
+
+    export = export_names([sizes[image_id][0] for image_id in sorted({k[0] for k in out})])
+    for (image_id, cls), mask in out.items():
+        write_mask(out_dir / cls / f"{export[sizes[image_id][0]]}.png", mask)
         report.masks += 1
-    report.images = len(sizes)
+    report.images = len({image_id for image_id, _ in out})
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _latest_proposal_masks(
+    session, workspace: Workspace, image_ids: set[int]
+) -> dict[int, tuple[Path, float]]:
+    """{image id: (folder of its latest proposal's mask PNGs, that run's mask threshold)}."""
+    found: dict[int, tuple[Path, float]] = {}
+    if not image_ids:
+        return found
+    rows = session.execute(
+        select(ProposalImage.image_id, ProposalImage.mask_dir, ProposalRun.params)
+        .join(ProposalRun, ProposalRun.id == ProposalImage.run_id)
+        .where(ProposalImage.image_id.in_(image_ids), ProposalImage.mask_dir.is_not(None))
+        .order_by(ProposalImage.id)
+    )
+    for image_id, mask_dir, params in rows:  # later rows (newer runs) win
+        threshold = (params or {}).get("mask_threshold", (params or {}).get("threshold"))
+        if not isinstance(threshold, int | float):
+            threshold = DEFAULT_MASK_THRESHOLD
+        found[image_id] = (workspace.absolute(mask_dir), float(threshold))
+    return found
+
+
+def _read_export_mask(path: Path, size: tuple[int, int], report: ExportReport):
+    """A given mask as (H, W) bool, or None (with a problem line) when unusable."""
+    width, height = size
+    try:
+        mask = read_mask(path)
+    except Exception as err:  # Pillow raises many types for a missing or broken file
+        report.problems.append(f"{path}: cannot read the mask ({err}); skipped")
+        return None
+    if mask.shape != (height, width):
+        report.problems.append(
+            f"{path}: {mask.shape[1]}x{mask.shape[0]} mask for a {width}x{height} image; skipped"
+        )
+        return None
+    return mask
+
+
+def _read_probability(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """A proposal's foreground probability PNG (probability * 255) as (H, W) uint8 at `size`."""
+    plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if plane is None:
+        log.warning("proposal mask %s is missing or unreadable; its boxes export no mask", path)
+        return None
+    if plane.shape != (size[1], size[0]):
+        plane = cv2.resize(plane, size, interpolation=cv2.INTER_LINEAR)
+    return plane

@@ -83,6 +83,10 @@ def test_export_each_format(workspace, tiny_dataset, tmp_path, capsys):
     document = json.loads((tmp_path / "coco" / "annotations.json").read_text())
     assert len(document["annotations"]) == 6
     assert len(list((tmp_path / "voc" / "Annotations").glob("*.xml"))) == 6
-    # No masks were ingested: nothing to export is an error that says what to try.
-    assert cli(workspace, "export", "masks", str(tmp_path / "masks")) == 1
+    # No masks were ingested and nothing was proposed: the negatives' empty masks only.
+    assert cli(workspace, "export", "masks", str(tmp_path / "masks")) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary == f"exported 2 images (2 negatives), 4 masks as masks to {tmp_path / 'masks'}"
+    # A split with nothing in it is an error that says what to try.
+    assert cli(workspace, "export", "masks", str(tmp_path / "none"), "--split", "val") == 1
     assert "nothing to export" in capsys.readouterr().err

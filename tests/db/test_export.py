@@ -16,6 +16,7 @@ from core.formats import BoxLabel, coco_document, read_mask, voc_xml
 from db.export import export_annotations, export_names
 from db.ingest import IngestOptions, ingest
 from db.models import Box, BoxOrigin, BoxStatus, Image, LabelClass, Mask, Tag, TagOrigin
+from db.proposals import ProposedImage, open_proposal_run, write_proposals
 from db.review import accept_box, add_point
 from db.workspace import Workspace
 
@@ -315,3 +316,61 @@ def test_export_names():
     assert export_names(unique) == {unique[0]: "x", unique[1]: "y"}
     clash = [Path("/d/a/x.jpg"), Path("/d/b/x.png"), Path("/d/b/c/z.jpg")]
     assert export_names(clash) == {clash[0]: "a/x", clash[1]: "b/x", clash[2]: "b/c/z"}
+
+
+def test_mask_export_cuts_pseudo_masks_to_reviewed_boxes(workspace, tiny_dataset, tmp_path):
+    """The RS+EPM mask of an accepted box's class, inside that box; negatives as empty masks."""
+    ingest(workspace, tiny_dataset.images, options(tags_csv=tiny_dataset.tags_csv))
+    mask_dir = workspace.masks_dir / "run-1"
+    mask_dir.mkdir(parents=True)
+    with workspace.transaction() as session:
+        ids = {Path(p).name: i for i, p in session.execute(select(Image.id, Image.path))}
+        run_id, _ = open_proposal_run(session, model_version_id=None, split=None, params={})
+        # Probability 0.8 over the left half, 0.3 (under the threshold) over the right half.
+        probability = np.full((48, 64), 0.3 * 255, np.uint8)
+        probability[:, :32] = 0.8 * 255
+        for name in ("fire_a.jpg", "fire_b.jpg"):
+            PILImage.fromarray(probability).save(mask_dir / f"{ids[name]}_fire.png")
+        write_proposals(
+            session,
+            run_id=run_id,
+            items=[
+                ProposedImage(
+                    ids["fire_a.jpg"],
+                    {"fire": 0.9},
+                    [("fire", 8, 8, 40, 24, 0.9)],
+                    None,
+                    workspace.relative(mask_dir),
+                ),
+                ProposedImage(
+                    ids["fire_b.jpg"],
+                    {"fire": 0.9},
+                    [("fire", 0, 0, 16, 16, 0.6)],
+                    None,
+                    workspace.relative(mask_dir),
+                ),
+            ],
+        )
+        accepted = session.scalar(select(Box).where(Box.image_id == ids["fire_a.jpg"]))
+        accept_box(session, box_id=accepted.id, version=accepted.version, reviewer="ana")
+
+    def exported(include_pending: bool) -> tuple[dict[str, np.ndarray], int]:
+        out = tmp_path / f"masks-{include_pending}"
+        report = export_annotations(workspace, "masks", out, include_pending=include_pending)
+        return {
+            f"{p.parent.name}/{p.stem}": read_mask(p) for p in sorted(out.rglob("*.png"))
+        }, report.negatives
+
+    masks, negatives = exported(include_pending=False)
+    expected = np.zeros((48, 64), bool)
+    expected[8:24, 8:32] = True  # the accepted box (8, 8, 40, 24) where probability >= 0.5
+    np.testing.assert_array_equal(masks.pop("fire/fire_a"), expected)
+    # The two fire-free images, as empty masks of every class; nothing else.
+    assert negatives == 2
+    assert sorted(masks) == ["fire/none_a", "fire/none_b", "smoke/none_a", "smoke/none_b"]
+    assert not any(mask.any() for mask in masks.values())
+
+    masks, _ = exported(include_pending=True)
+    pending = np.zeros((48, 64), bool)
+    pending[0:16, 0:16] = True
+    np.testing.assert_array_equal(masks["fire/fire_b"], pending)
