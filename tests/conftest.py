@@ -31,6 +31,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 PG_URL_ENV = "PYROLABEL_TEST_PG_URL"
 TEST_CLASSES = ("fire", "smoke")
+# Set by .ci/run: a skipped test fails the run there, since CI has chromium, PostgreSQL and
+# ../shared/data, and a skip would hide a missing install step.
+STRICT_ENV = "PYROLABEL_TEST_NO_SKIPS"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get(STRICT_ENV) != "1" or exitstatus != pytest.ExitCode.OK:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        reasons = sorted({str(report.longrepr[-1]) for report in skipped})
+        reporter.write_line(
+            f"{STRICT_ENV}=1: {len(skipped)} test(s) skipped, which fails this run: "
+            + "; ".join(reasons),
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
