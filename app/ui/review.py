@@ -61,6 +61,7 @@ SHORTCUTS = (
     ("U", "undo your last action (again: further back)"),
     ("P", "point mode: click a missed object, its box is proposed"),
     ("W", "draw mode: drag a box, then add it or replace the current box"),
+    ("S / Shift+W", "with the box panel open: replace the current box / add it as a new box"),
     ("H or ?", "this help"),
 )
 
@@ -882,6 +883,7 @@ def _edit_ui(ws, reviewer, view: ImageView, current: BoxRow | None, classes: lis
         cols = st.columns(2)
         cols[0].button(
             "Replace current box",
+            shortcut="S",
             on_click=on_edit,
             args=(ws, reviewer, current, tuple(corners), class_name),
             disabled=current is None,
@@ -889,6 +891,7 @@ def _edit_ui(ws, reviewer, view: ImageView, current: BoxRow | None, classes: lis
         )
         cols[1].button(
             "Add as new box",
+            shortcut="Shift+W",
             on_click=on_add_box,
             args=(ws, reviewer, view.image_id, tuple(corners), class_name),
             width="stretch",
