@@ -20,7 +20,7 @@ Boxes are (x1, y1, x2, y2) in pixels of the original image, 0 <= x1 < x2 <= widt
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -590,7 +590,12 @@ def accept_all(
 
 
 def mark_nothing_here(
-    session: Session, *, image_id: int, reviewer: str, box_versions: Mapping[int, int]
+    session: Session,
+    *,
+    image_id: int,
+    reviewer: str,
+    box_versions: Mapping[int, int],
+    point_ids: Collection[int] | None = None,
 ) -> ReviewEvent:
     """The image shows none of the workspace's classes: it becomes a negative for all of them.
 
@@ -604,6 +609,8 @@ def mark_nothing_here(
     Reference boxes are held-out truth and stay as they are.
 
     box_versions: {box id: version} of the pending and accepted boxes the reviewer saw.
+    point_ids: the points the reviewer saw; a point added since is refused like a new box (None
+        skips the check, for callers that showed no points).
     """
     reviewer = _reviewer(reviewer)
     _image(session, image_id)
@@ -646,6 +653,14 @@ def mark_nothing_here(
         .execution_options(populate_existing=True)
     )
     for point in points:
+        if point_ids is not None and point.id not in point_ids:
+            raise StaleEditError(
+                entity="point",
+                entity_id=point.id,
+                changed_by=point.reviewer,
+                changed_at=point.created_at,
+                detail=f"added by {point.reviewer} since you loaded the image",
+            )
         children.append(
             _change(session, point, reviewer=reviewer, action="delete_point", at=at, deleted=True)
         )

@@ -99,6 +99,7 @@ class ImageView:
     disagreement: float | None = None
     boxes: list[BoxRow] = field(default_factory=list)
     points: list[tuple[float, float, str]] = field(default_factory=list)
+    point_ids: list[int] = field(default_factory=list)  # the same points' ids, in order
 
     @property
     def image_id(self) -> int:
@@ -172,14 +173,13 @@ def load_view(ws: Workspace, image_id: int) -> ImageView | None:
             )
             for box, name in rows
         ]
-        view.points = [
-            (point.x, point.y, name)
-            for point, name in session.execute(
-                select(Point, LabelClass.name)
-                .join(LabelClass, LabelClass.id == Point.class_id)
-                .where(Point.image_id == image_id, Point.deleted.is_(False))
-            )
-        ]
+        points = session.execute(
+            select(Point, LabelClass.name)
+            .join(LabelClass, LabelClass.id == Point.class_id)
+            .where(Point.image_id == image_id, Point.deleted.is_(False))
+        ).all()
+        view.points = [(point.x, point.y, name) for point, name in points]
+        view.point_ids = [point.id for point, _ in points]
     return view
 
 
@@ -413,7 +413,11 @@ def on_nothing_here(ws, reviewer, view: ImageView) -> None:
         ws,
         reviewer,
         lambda s: review.mark_nothing_here(
-            s, image_id=view.image_id, reviewer=reviewer, box_versions=versions
+            s,
+            image_id=view.image_id,
+            reviewer=reviewer,
+            box_versions=versions,
+            point_ids=view.point_ids,
         ),
     ):
         _flash("info", f"Image {view.image_id} marked as showing nothing")

@@ -243,6 +243,21 @@ def test_nothing_here_makes_a_negative_and_undo_restores_everything(workspace, p
     assert _state(workspace) == before
 
 
+def test_nothing_here_refuses_a_point_added_since_the_image_was_loaded(workspace, proposals):
+    image_id = proposals.image_ids[2]
+    with workspace.session() as session:
+        seen = {b.id: b.version for b in _boxes(session, image_id) if b.status == "pending"}
+    with workspace.transaction() as session:
+        review.add_point(session, image_id=image_id, reviewer="alice", class_name="fire", x=3, y=4)
+    before = _state(workspace)
+    with pytest.raises(StaleEditError, match=r"point \d+ was added by alice since you loaded"):
+        with workspace.transaction() as session:
+            review.mark_nothing_here(
+                session, image_id=image_id, reviewer="bob", box_versions=seen, point_ids=[]
+            )
+    assert _state(workspace) == before
+
+
 @pytest.mark.parametrize("mask_scale", [1.0, 0.5])
 def test_add_point_proposes_the_mask_component_in_image_pixels(workspace, proposals, mask_scale):
     image_id = proposals.image_ids[0]
