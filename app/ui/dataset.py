@@ -97,9 +97,18 @@ def dataset_page() -> None:
         totals = throughput.groupby("reviewer")["decisions"].sum().sort_values(ascending=False)
         st.dataframe(totals.rename("decisions"), width="content")
 
-    st.subheader("Tags")
+    st.subheader("Images by class (tags)")
     tags = pd.DataFrame(overview.tags, columns=["class", "origin", "present", "count"])
     if tags.empty:
         st.caption("No tags yet.")
     else:
-        st.dataframe(tags, hide_index=True, width="content")
+        # Given tags come with the data, model tags from the classifier, reviewer tags win.
+        # (No colon in the names: the chart library reads "a:b" as a field and its type.)
+        present = tags["present"].map({True: "present", False: "absent"})
+        tags["tag"] = present + " (" + tags["origin"] + ")"
+        by_class = tags.pivot_table(
+            index="class", columns="tag", values="count", aggfunc="sum", fill_value=0
+        )
+        st.bar_chart(by_class, horizontal=True, stack=False)
+        with st.expander("Tag counts"):
+            st.dataframe(tags.drop(columns="tag"), hide_index=True, width="content")

@@ -24,7 +24,7 @@ from app.ui.overlays import (
     draw_boxes,
 )
 from db import review
-from db.models import Box, FalsePositiveReason, Setting
+from db.models import Box, FalsePositiveReason, Setting, Tag
 from db.review import ReviewError
 from db.stats import overview
 
@@ -56,11 +56,15 @@ def test_overview_counts(workspace, proposals):
 
 def test_dataset_page_shows_charts(app_for, workspace, proposals):
     _review_some(workspace, proposals)
+    with workspace.transaction() as session:
+        session.add(Tag(image_id=proposals.image_ids[1], class_id=1, present=True, origin="given"))
     at = app_for(page="dataset")
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Images"] == "5" and metrics["Reviewed"] == "1"
-    assert len(at.get("vega_lite_chart")) >= 4
+    # Boxes by class and status, by origin; images by split; false positives by reason;
+    # reviewer throughput; images by class from the tags.
+    assert len(at.get("vega_lite_chart")) == 6
 
 
 def test_export_page_offers_a_zip(app_for, workspace, proposals):
