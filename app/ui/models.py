@@ -76,6 +76,15 @@ def retrain_panel(ws: Workspace, reviewer: str) -> None:
     st.rerun()
 
 
+@st.cache_resource(show_spinner=False)
+def _has_gpu() -> bool:
+    """Whether the worker will find a GPU here (the worker runs on this machine); torch is
+    imported once per server for it."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def retrain_options_ui(splits: list[str]) -> jobs.RetrainOptions | None:
     """The Retrain form; returns the chosen options once the button is pressed."""
     defaults = jobs.RetrainOptions()
@@ -88,8 +97,11 @@ def retrain_options_ui(splits: list[str]) -> jobs.RetrainOptions | None:
             "and evaluation train the detectors on what reviewers accepted",
         )
         left, middle, right = st.columns(3)
-        teacher = left.selectbox("Teacher", jobs.TEACHER_VARIANTS)
-        student = middle.selectbox("Student", jobs.STUDENT_VARIANTS)
+        # server + edge train for hours on a CPU: there the tiny pair (minutes) comes first.
+        pair = 0 if _has_gpu() else 1
+        cpu_note = None if pair == 0 else "no GPU here: the tiny pair trains in minutes on a CPU"
+        teacher = left.selectbox("Teacher", jobs.TEACHER_VARIANTS, index=pair, help=cpu_note)
+        student = middle.selectbox("Student", jobs.STUDENT_VARIANTS, index=pair, help=cpu_note)
         distill = right.selectbox(
             "Distillation",
             jobs.DISTILL_MODES,

@@ -58,6 +58,15 @@ def test_empty_workspace_offers_retrain(page):
     assert at.button(key="FormSubmitter:retrain-Retrain") is not None
 
 
+def test_retrain_form_preselects_the_pair_this_machine_can_train(page):
+    import torch
+
+    at = page()
+    gpu = torch.cuda.is_available()
+    expected = ("server", "edge") if gpu else ("tiny-teacher", "tiny-student")
+    assert (at.selectbox[0].value, at.selectbox[1].value) == expected
+
+
 def test_retrain_button_creates_the_job_and_shows_it_live(page, workspace, started):
     at = page()
     at.selectbox[0].set_value("tiny-teacher")
