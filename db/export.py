@@ -43,7 +43,7 @@ from db.models import (
     ProposalRun,
     TagOrigin,
 )
-from db.queries import class_names, image_tag_sets
+from db.queries import chunked, class_names, image_tag_sets
 from db.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger(__name__)
@@ -333,19 +333,18 @@ def _latest_proposal_masks(
 ) -> dict[int, tuple[Path, float]]:
     """{image id: (folder of its latest proposal's mask PNGs, that run's mask threshold)}."""
     found: dict[int, tuple[Path, float]] = {}
-    if not image_ids:
-        return found
-    rows = session.execute(
-        select(ProposalImage.image_id, ProposalImage.mask_dir, ProposalRun.params)
-        .join(ProposalRun, ProposalRun.id == ProposalImage.run_id)
-        .where(ProposalImage.image_id.in_(image_ids), ProposalImage.mask_dir.is_not(None))
-        .order_by(ProposalImage.id)
-    )
-    for image_id, mask_dir, params in rows:  # later rows (newer runs) win
-        threshold = (params or {}).get("mask_threshold", (params or {}).get("threshold"))
-        if not isinstance(threshold, int | float):
-            threshold = DEFAULT_MASK_THRESHOLD
-        found[image_id] = (workspace.absolute(mask_dir), float(threshold))
+    for batch in chunked(sorted(image_ids)):
+        rows = session.execute(
+            select(ProposalImage.image_id, ProposalImage.mask_dir, ProposalRun.params)
+            .join(ProposalRun, ProposalRun.id == ProposalImage.run_id)
+            .where(ProposalImage.image_id.in_(batch), ProposalImage.mask_dir.is_not(None))
+            .order_by(ProposalImage.id)
+        )
+        for image_id, mask_dir, params in rows:  # later rows (newer runs) win
+            threshold = (params or {}).get("mask_threshold", (params or {}).get("threshold"))
+            if not isinstance(threshold, int | float):
+                threshold = DEFAULT_MASK_THRESHOLD
+            found[image_id] = (workspace.absolute(mask_dir), float(threshold))
     return found
 
 
