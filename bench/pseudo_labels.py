@@ -88,9 +88,11 @@ LEARNT_METHODS = ("CAM", "RS+EPM", "GradCAM", "GradCAM++", "EigenCAM")
 METHODS = (*LEARNT_METHODS, "colour")
 
 # Grids the thresholds are chosen from. The colour rule's grid is over the paper's tau (the
-# minimum |Cb - Cr|, 40 in the paper); see core.colour_rule.fire_colour_score.
-MAP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-COLOUR_TAUS = (10, 20, 30, 40, 50, 60, 70, 80)
+# minimum |Cb - Cr|, 40 in the paper); see core.colour_rule.fire_colour_score. Both reach past
+# what the training images pick: with grids ending at 0.8 and tau 80, four of the six methods
+# picked that last value for masks, so the best threshold may have lain beyond it.
+MAP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+COLOUR_TAUS = (10, 20, 30, 40, 50, 60, 70, 80, 100, 120)
 
 
 def threshold_grid(method: str) -> tuple[float, ...]:
