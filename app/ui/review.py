@@ -314,6 +314,9 @@ def _go_to(ws: Workspace, reviewer: str, image_id: int) -> None:
 
 
 def _lease_or_warn(session, image_id: int, reviewer: str) -> None:
+    # Going back (or forward) through one's own history to an image someone else has leased
+    # since warns rather than locks: the queue never hands out a leased image, and every write
+    # carries the version it read, so a clash is refused as a stale edit, never applied.
     if not queue.acquire_lease(session, image_id=image_id, reviewer=reviewer):
         holder = queue.lease_holder(session, image_id=image_id)
         who = holder[0] if holder else "another reviewer"
