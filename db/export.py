@@ -257,41 +257,37 @@ def _export_masks(
     if include_reference:
         origins.append(MaskOrigin.REFERENCE)
     names = class_names(session)
-    sizes: dict[int, tuple[Path, int, int]] = {}
-    image_query = select(Image.id, Image.path, Image.width, Image.height)
-    if split is not None:
-        image_query = image_query.where(Image.split == split)
-    for image_id, path, width, height in session.execute(image_query):
-        sizes[image_id] = (workspace.absolute(path), width, height)
+    classes = list(names.values())
+    sizes: dict[int, tuple[Path, int, int]] = {}  # image id -> (path, width, height)
 
     # Mask files: given (and reference) masks, one or more per (image, class).
     files: dict[tuple[int, str], list[Path]] = defaultdict(list)
     query = (
-        select(Mask.image_id, Mask.class_id, Mask.path)
+        select(Mask.image_id, Mask.class_id, Mask.path, Image.path, Image.width, Image.height)
+        .join(Image, Mask.image_id == Image.id)
         .where(Mask.origin.in_(origins))
         .order_by(Mask.image_id, Mask.id)
     )
-    for image_id, class_id, mask_path in session.execute(query):
-        if image_id in sizes:
-            files[(image_id, names[class_id])].append(workspace.absolute(mask_path))
+    if split is not None:
+        query = query.where(Image.split == split)
+    for image_id, class_id, mask_path, image_path, width, height in session.execute(query):
+        files[(image_id, names[class_id])].append(workspace.absolute(mask_path))
+        sizes[image_id] = (workspace.absolute(image_path), width, height)
 
-    # Pseudo masks, cut to the exported boxes (never to reference boxes: those are the truth a
-    # proposal is scored against, not something a reviewer made).
+    # The images a box export would hold: their boxes cut the pseudo masks (never reference
+    # boxes: those are the truth a proposal is scored against, not something a reviewer made),
+    # and those without a box are the negatives.
     cut_to: dict[tuple[int, str], list[BoxLabel]] = defaultdict(list)
-    classes = list(names.values())
+    negatives = []
     for image in _select_images(
         session, workspace, split, False, include_pending, classes, ExportReport("masks", out_dir)
     ):
+        sizes[image.id] = (image.path, image.width, image.height)
         for box in image.boxes:
             cut_to[(image.id, box.class_name)].append(box)
+        if not image.boxes:
+            negatives.append(image.id)
     latest = _latest_proposal_masks(session, workspace, {image_id for image_id, _ in cut_to})
-
-    tags = image_tag_sets(session, origins=(TagOrigin.GIVEN, TagOrigin.REVIEWER), split=split)
-    negatives = [
-        image_id
-        for image_id in sizes
-        if tags.get(image_id) and all(tags[image_id].get(cls) is False for cls in classes)
-    ]
 
     out: dict[tuple[int, str], np.ndarray] = {}
     for key in sorted(set(files) | set(cut_to)):
